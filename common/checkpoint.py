@@ -122,7 +122,7 @@ def write_metrics(run_dir: str, stage: str, metrics: dict) -> str:
 
 def _flatten(prefix, obj, tensors):
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
+        tensors[prefix] = obj.detach().cpu().clone()  # clone: tied weights share storage
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
         return {"__dict__": [[k, _flatten(f"{prefix}.{k}", v, tensors)] for k, v in obj.items()]}  # keeps int keys
