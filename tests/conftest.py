@@ -1,5 +1,7 @@
 """Shared test helpers: tiny random models (FFN widths are multiples of 256, as the format requires)."""
 
+import copy
+import functools
 import os
 import sys
 
@@ -30,3 +32,43 @@ def tiny_model(seed=0, **kw) -> DeciLMForCausalLM:
 @pytest.fixture
 def tiny():
     return tiny_model()
+
+
+# ----------------------------------------------------------------------------
+# tiny tokenizer: byte-level BPE with ChatML, vocab 512 (fits tiny_model's vocab), built locally in ~0.1 s
+
+CHATML_TEMPLATE = ("{% for m in messages %}"
+                   "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@functools.lru_cache(maxsize=1)
+def _build_tiny_tokenizer():
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    # ids 0..3 match tiny_config: bos 0, eos 1 (<|im_end|> ends an assistant turn, as in SmolLM2-Instruct), pad 2
+    specials = ["<|endoftext|>", "<|im_end|>", "<|pad|>", "<|im_start|>"]
+    text = [topics["assignment"][:6000], "system user assistant detailed thinking on off <think>\n</think>\n",
+            "What is 12 + 30? So the answer is \\boxed{42}. The answer is 7 × 6 = 42. 0123456789 $ - = ?"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  pad_token="<|pad|>")
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_tokenizer():
+    """A fresh copy (tests may set padding_side etc.) of the session's tiny ChatML tokenizer: <= 512 ids, every
+    byte encodable, decode(encode(s)) == s."""
+    return copy.deepcopy(_build_tiny_tokenizer())
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()

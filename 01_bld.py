@@ -1,0 +1,466 @@
+"""Stage 1: Puzzle's block library, decoupled blockwise local distillation (BLD), replace-one-block scores.
+
+For every parent layer, every subblock variant (attention: parent, fewer KV heads, linear, no_op; FFN: parent
+width, narrower widths, linear, no_op) is initialized from the parent's weights (Puzzletron: FFN channels by
+||W_down[:,j]||*mean|a_j|, KV heads mean-pooled, linear = W_o@W_v / W_down@W_up or a least-squares fit), then
+trained to reproduce the parent subblock's output from the parent's own input (normalized MSE). Decoupled BLD:
+one parent forward per batch feeds every variant of every layer. Then each variant alone is put into the
+parent and scored on held-out text: KL(parent||model) (Puzzle's score), LM loss, top-1 agreement.
+
+    python 01_bld.py --parent runs/smol/parent --out runs/smol/library               # CPU, ~10 min (defaults)
+    torchrun --standalone --nproc_per_node 8 01_bld.py --parent ... --out ... --num-seqs 4096 --seq-len 1024
+    python 01_bld.py --parent /tmp/tiny/parent --out /tmp/tiny/library --num-seqs 8 --seq-len 32 --score-seqs 2
+    python 01_bld.py ... --resume           # continue a crashed run from <out>.state/
+
+Under torchrun the (layer, variant) jobs are divided among ranks: each rank runs the same parent forward on the
+same batch and trains only its share; rank 0 gathers the library. Output: <out>/library.json, variants/, scores.json.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from common.checkpoint import CheckpointError, load_checkpoint, read_json, write_json_atomic, write_metrics
+from common.losses import normalized_mse
+from common.model import ffn_mult_to_intermediate_size
+from common.optim import latest_state, load_train_state, lr_at, make_adamw, save_train_state, set_lr
+from common.puzzle import (SUBBLOCKS, Subblock, attention_variants, ffn_variants, load_variant_state,
+                           parent_subblock_state, set_subblock, subblock_params, variant_key, variant_path)
+
+# ----------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parent", required=True, help="parent checkpoint, e.g. runs/smol/parent")
+    p.add_argument("--out", required=True, help="library directory, e.g. runs/smol/library")
+    p.add_argument("--data", default=None, help="local .txt/.jsonl ('text' field); default: the distillation mix")
+    # search space (per layer)
+    p.add_argument("--kv-heads", default="auto", help="fewer-KV-head variants, comma list ('auto' = every divisor)")
+    p.add_argument("--ffn-widths", default="auto", help="narrower FFN widths, multiples of 256 ('auto' = all)")
+    p.add_argument("--no-linear", action="store_true", help="drop the linear-replacement variants")
+    p.add_argument("--no-noop", action="store_true", help="drop the no_op variants")
+    p.add_argument("--linear-init", default="lstsq", choices=["lstsq", "weights"], help="least squares or W_o@W_v")
+    p.add_argument("--calib-seqs", type=int, default=8, help="sequences for channel scores / least squares")
+    # BLD
+    p.add_argument("--num-seqs", type=int, default=96, help="training sequences (CPU budget; Puzzle used ~1B tokens)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4, help="Puzzletron BLD: 1e-4")
+    p.add_argument("--warmup-frac", type=float, default=0.1)
+    p.add_argument("--min-lr-frac", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--val-seqs", type=int, default=4, help="BLD validation sequences (loss before/after)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast compute dtype")
+    p.add_argument("--save-every", type=int, default=20, help="steps between resume states (-1 = never)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    # replace-one-block scoring
+    p.add_argument("--score-seqs", type=int, default=8, help="held-out sequences for replace-one-block scores")
+    p.add_argument("--score-seq-len", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--run-dir", default=None, help="where metrics/bld.json goes (default: parent of --out)")
+    add_wandb_args(p)
+    return p.parse_args(argv)
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_int_list(s, auto):
+    return auto if s == "auto" else ([int(v) for v in s.split(",") if v.strip()] if s.strip() else [])
+
+
+def load_documents(path, split):
+    """The distillation mix (data_gen.text), or a local text/JSONL file split 9:1 by document (train/heldout)."""
+    if path is None:
+        from data_gen.text import distill_documents
+        return distill_documents(split)
+    if not os.path.isfile(path):
+        die(f"--data {path} does not exist; give a local .txt or .jsonl file (or omit it for the distillation mix)")
+    from datasets import load_dataset
+    ds = load_dataset("json" if path.endswith((".json", ".jsonl")) else "text", data_files=path, split="train")
+    if "text" not in ds.column_names:
+        die(f"--data {path} has no 'text' field (columns: {ds.column_names})")
+    docs = [t for t in ds["text"] if t and t.strip()]
+    return [d for i, d in enumerate(docs) if (i % 10 == 0) == (split == "heldout")]
+
+
+# ----------------------------------------------------------------------------
+# Init from the parent (Puzzletron)
+
+
+@torch.no_grad()
+def calibration_stats(parent, ids, batch_size, want_lstsq):
+    """Per layer: mean |a_j| of the FFN's channels, and X^T X, X^T Y of each subblock (for least squares)."""
+    L, h = parent.config.num_hidden_layers, parent.config.hidden_size
+    stats = [{"act": 0.0, "n": 0} for _ in range(L)]
+    for i in range(0, len(ids), batch_size):
+        x, rope = embed(parent, ids[i:i + batch_size])
+        for l, layer in enumerate(parent.model.layers):
+            for sub in SUBBLOCKS:
+                norm = layer.input_layernorm if sub == "attention" else layer.post_attention_layernorm
+                xin = norm(x).float().flatten(0, 1)
+                y = (layer.attn_delta(x, rope) if sub == "attention" else layer.ffn_delta(x))
+                if sub == "ffn":
+                    m = layer.mlp
+                    a = m.act_fn(m.gate_proj(xin)) * m.up_proj(xin)
+                    stats[l]["act"] = stats[l]["act"] + a.abs().sum(0)
+                    stats[l]["n"] += a.shape[0]
+                if want_lstsq:
+                    yf = y.float().flatten(0, 1)
+                    stats[l][sub + "_xtx"] = stats[l].get(sub + "_xtx", 0) + xin.double().T @ xin.double()
+                    stats[l][sub + "_xty"] = stats[l].get(sub + "_xty", 0) + xin.double().T @ yf.double()
+                x = x + y
+    return stats
+
+
+def lstsq_weight(xtx, xty):
+    ridge = 1e-4 * torch.trace(xtx) / xtx.shape[0]
+    return torch.linalg.solve(xtx + ridge * torch.eye(xtx.shape[0], dtype=xtx.dtype), xty).T.float()
+
+
+@torch.no_grad()
+def init_variant(parent, l, sub, v, stats, linear_init):
+    """A Subblock for variant v of layer l, weights derived from the parent's layer l."""
+    config, layer = parent.config, parent.model.layers[l]
+    sb = Subblock(config, l, sub, v["config"])
+    ps = parent_subblock_state(layer, sub)
+    new = {}
+    norm_key = "input_layernorm.weight" if sub == "attention" else "post_attention_layernorm.weight"
+    new[norm_key] = ps[norm_key]
+    c = v["config"]
+    if c.replace_with_linear and linear_init == "lstsq":
+        W = lstsq_weight(stats[l][sub + "_xtx"], stats[l][sub + "_xty"])
+        new["self_attn.linear_attn.weight" if sub == "attention" else "mlp.linear_mlp.weight"] = W
+    elif c.replace_with_linear and sub == "attention":  # "attend only to self": W_o @ W_v with KV repeated to heads
+        H, d = config.num_attention_heads, config.head_dim
+        wv = ps["self_attn.v_proj.weight"].view(-1, d, config.hidden_size)
+        wv = wv.repeat_interleave(H // wv.shape[0], dim=0).reshape(H * d, -1)
+        new["self_attn.linear_attn.weight"] = ps["self_attn.o_proj.weight"] @ wv
+    elif c.replace_with_linear:  # FFN: W_down @ W_up, gate ignored
+        new["mlp.linear_mlp.weight"] = ps["mlp.down_proj.weight"] @ ps["mlp.up_proj.weight"]
+    elif sub == "attention":  # fewer KV heads: mean-pool consecutive groups of K/V heads
+        d, h = config.head_dim, config.hidden_size
+        kv = config.num_attention_heads // c.n_heads_in_group
+        for k in ("q_proj", "o_proj"):
+            new[f"self_attn.{k}.weight"] = ps[f"self_attn.{k}.weight"]
+        for k in ("k_proj", "v_proj"):
+            w = ps[f"self_attn.{k}.weight"].view(-1, d, h)
+            new[f"self_attn.{k}.weight"] = w.view(kv, w.shape[0] // kv, d, h).mean(1).reshape(kv * d, h)
+    else:  # narrower FFN: keep the top channels by ||W_down[:, j]|| * mean|a_j|
+        width = ffn_mult_to_intermediate_size(c.ffn_mult, config.hidden_size)
+        score = ps["mlp.down_proj.weight"].float().norm(dim=0) * (stats[l]["act"] / max(1, stats[l]["n"]))
+        keep = score.topk(width).indices.sort().values
+        new["mlp.gate_proj.weight"] = ps["mlp.gate_proj.weight"][keep]
+        new["mlp.up_proj.weight"] = ps["mlp.up_proj.weight"][keep]
+        new["mlp.down_proj.weight"] = ps["mlp.down_proj.weight"][:, keep]
+    sb.load_state_dict({k: t.float().clone() for k, t in new.items()})
+    return sb
+
+
+def embed(model, ids):
+    x = model.model.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    return x, model.model.rotary_emb(x, pos)
+
+
+# ----------------------------------------------------------------------------
+# Decoupled BLD: one parent forward per batch, every variant learns its layer's parent subblock
+
+
+def bld_step(parent, ids, jobs_at, modules, autocast, train=True):
+    """Run the parent layer by layer once; each variant gets the parent's input and learns its output."""
+    losses = {}
+    with torch.no_grad(), autocast():
+        x, rope = embed(parent, ids)
+    for l, layer in enumerate(parent.model.layers):
+        for sub in SUBBLOCKS:
+            with torch.no_grad(), autocast():
+                target = layer.attn_delta(x, rope) if sub == "attention" else layer.ffn_delta(x)
+            for key in jobs_at.get((l, sub), []):
+                with torch.set_grad_enabled(train), autocast():
+                    loss = normalized_mse(modules[key](x, rope), target)
+                if train:
+                    loss.backward()
+                losses[key] = loss.item()
+            x = x + target
+    return losses
+
+
+# ----------------------------------------------------------------------------
+# Replace-one-block scoring (Puzzle §scoring): each variant alone in the parent, on held-out text
+
+
+@torch.no_grad()
+def replace_one_block_scores(parent, held, entries, states, batch_size, autocast):
+    """{key: {kl, lm_loss, next_token_acc, top1_agreement}}; layers before the replaced one are cached."""
+    model, L = parent, parent.config.num_hidden_layers
+    cache = []  # per batch: (layer inputs [L+1], rope, parent log-probs)
+    with autocast():
+        for i in range(0, len(held), batch_size):
+            ids = held[i:i + batch_size]
+            x, rope = embed(model, ids)
+            hs = [x]
+            for layer in model.model.layers:
+                hs.append(layer(hs[-1], rope))
+            cache.append((ids, hs, rope, F.log_softmax(model.lm_head(model.model.norm(hs[-1])).float(), -1)))
+
+    def metrics_from(l):
+        tot = {"kl": 0.0, "lm_loss": 0.0, "next_token_acc": 0.0, "top1_agreement": 0.0}
+        n = 0
+        for ids, hs, rope, plogp in cache:
+            with autocast():
+                x = hs[l]
+                for layer in model.model.layers[l:]:
+                    x = layer(x, rope)
+                logp = F.log_softmax(model.lm_head(model.model.norm(x)).float(), -1)
+            tok = ids.numel()
+            tot["kl"] += (plogp.exp() * (plogp - logp)).sum(-1).sum().item()
+            tot["top1_agreement"] += (logp.argmax(-1) == plogp.argmax(-1)).sum().item()
+            nxt, pred = ids[:, 1:], logp[:, :-1]
+            tot["lm_loss"] += -pred.gather(-1, nxt[..., None]).sum().item() * tok / nxt.numel()
+            tot["next_token_acc"] += (pred.argmax(-1) == nxt).float().sum().item() * tok / nxt.numel()
+            n += tok
+        return {k: v / n for k, v in tot.items()}
+
+    out = {"__parent__": metrics_from(L)}
+    for e in entries:
+        undo = set_subblock(model, e["layer"], e["subblock"], e["config_obj"], states[e["key"]])
+        out[e["key"]] = metrics_from(e["layer"])
+        undo()
+    return out
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = vars(args).copy()
+    torch.set_num_threads(args.threads)
+    ddp, rank, local_rank, world_size, device = compute_init()
+    if os.path.exists(os.path.join(args.out, "library.json")):
+        die(f"{args.out} is already a finished library; choose another --out or delete it")
+    run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
+    work = args.out.rstrip("/") + ".partial"  # variants land here; renamed to --out when everything is written
+    state_dir = os.path.join(args.out.rstrip("/") + ".state", f"rank{rank}")
+    if os.path.isdir(work) and not args.resume and rank == 0:
+        shutil.rmtree(work)
+    if ddp:
+        torch.distributed.barrier()
+    wandb_run = init_wandb(args.wandb_project, args.run_name or "bld", user_config, mode=args.wandb_mode, master=rank == 0)
+    ptdtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    autocast = lambda: torch.autocast(device_type="cpu", dtype=ptdtype, enabled=ptdtype != torch.float32)  # noqa: E731
+    torch.manual_seed(args.seed)
+
+    # ------------------------------------------------------------------------
+    # Parent and search space
+    try:
+        parent, tokenizer = load_checkpoint(args.parent)
+    except CheckpointError as e:
+        die(str(e))
+    for p_ in parent.parameters():
+        p_.requires_grad_(False)
+    config = parent.config
+    if any(b.to_dict() != config.block_configs[0].to_dict() for b in config.block_configs):
+        die(f"{args.parent} is not a homogeneous parent (its blocks differ); BLD needs the parent's own layers")
+    H, pkv = config.num_attention_heads, config.num_attention_heads // config.block_configs[0].attention.n_heads_in_group
+    pw = ffn_mult_to_intermediate_size(config.block_configs[0].ffn.ffn_mult, config.hidden_size)
+    try:
+        space = {"attention": attention_variants(config, parse_int_list(args.kv_heads, [d for d in range(1, pkv) if
+                                                 pkv % d == 0 and H % d == 0]), not args.no_linear, not args.no_noop),
+                 "ffn": ffn_variants(config, parse_int_list(args.ffn_widths, list(range(256, pw, 256))),
+                                     not args.no_linear, not args.no_noop)}
+    except ValueError as e:
+        die(str(e))
+    entries = []
+    for l in range(config.num_hidden_layers):
+        for sub in SUBBLOCKS:
+            for v in space[sub]:
+                entries.append({"key": variant_key(l, sub, v["name"]), "layer": l, "subblock": sub, "name": v["name"],
+                                "parent": v["parent"], "config_obj": v["config"], "config": v["config"].__dict__.copy(),
+                                "params": subblock_params(config, sub, v["config"])})
+    trainable = [e for e in entries if not e["parent"] and not e["config"]["no_op"]]
+    mine = shard_list(trainable)  # this rank's (layer, variant) jobs
+    print0(f"library: {len(entries)} variants ({len(trainable)} trained) over {config.num_hidden_layers} layers; "
+           f"attention {[v['name'] for v in space['attention']]}, ffn {[v['name'] for v in space['ffn']]}; "
+           f"{len(mine)} jobs on rank {rank}/{world_size}")
+
+    # ------------------------------------------------------------------------
+    # Data: the distillation mix (train part) for BLD, the held-out part for scoring
+    docs = load_documents(args.data, "train")
+    chunks = torch.as_tensor(text_chunks(tokenizer, docs, args.seq_len))
+    need = args.num_seqs + args.val_seqs
+    if len(chunks) < need:
+        die(f"only {len(chunks)} training sequences of {args.seq_len} tokens in the data, need {need} "
+            f"(--num-seqs {args.num_seqs} + --val-seqs {args.val_seqs}); lower them or give more --data")
+    g = torch.Generator().manual_seed(args.seed)
+    chunks = chunks[torch.randperm(len(chunks), generator=g)[:need]]
+    train_ids, val_ids = chunks[:args.num_seqs], chunks[args.num_seqs:]
+    batches = [train_ids[i:i + args.batch_size] for _ in range(args.epochs)
+               for i in range(0, args.num_seqs - args.batch_size + 1, args.batch_size)]
+    total_steps = len(batches)
+
+    # ------------------------------------------------------------------------
+    # Block library: every variant initialized from the parent
+    t0 = time.time()
+    want_lstsq = args.linear_init == "lstsq" and any(e["config"]["replace_with_linear"] for e in mine)
+    stats = calibration_stats(parent, train_ids[:args.calib_seqs], args.batch_size, want_lstsq)
+    modules = torch.nn.ModuleDict()
+    jobs_at = {}
+    for e in mine:
+        modules[e["key"]] = init_variant(parent, e["layer"], e["subblock"], {"config": e["config_obj"]}, stats,
+                                         args.linear_init)
+        jobs_at.setdefault((e["layer"], e["subblock"]), []).append(e["key"])
+    del stats
+    os.makedirs(os.path.join(work, "variants", "init"), exist_ok=True)
+    for key, m in modules.items():
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, variant_path(work, key, init=True))
+    val_init = {}
+    for i in range(0, len(val_ids), args.batch_size):
+        for k, v in bld_step(parent, val_ids[i:i + args.batch_size], jobs_at, modules, autocast, train=False).items():
+            val_init[k] = val_init.get(k, 0.0) + v * len(val_ids[i:i + args.batch_size]) / len(val_ids)
+    print0(f"init from parent: {time.time() - t0:.1f}s")
+
+    optimizer = make_adamw(modules.named_parameters(), args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    curves, start = {k: [] for k in modules}, 0
+    if args.resume and (last := latest_state(state_dir)):
+        st = load_train_state(last, modules, optimizer)
+        start, curves = st["step"], {k: list(st["curves"][k]) for k in modules}
+        print0(f"resumed from {last} at step {start}/{total_steps}")
+
+    # ------------------------------------------------------------------------
+    # BLD loop
+    t0, tokens_seen = time.time(), 0
+    for step in range(start, total_steps):
+        lr = lr_at(step, total_steps, args.lr, int(args.warmup_frac * total_steps), args.min_lr_frac * args.lr)
+        set_lr(optimizer, lr)
+        losses = bld_step(parent, batches[step], jobs_at, modules, autocast)
+        bad = [k for k, v in losses.items() if v != v]
+        if bad:
+            die(f"NaN BLD loss at step {step} for {bad[:3]}; lower --lr or use --dtype float32")
+        for m in modules.values():
+            torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for k, v in losses.items():
+            curves[k].append(v)
+        tokens_seen += batches[step].numel()
+        tok_s = tokens_seen / (time.time() - t0)
+        mean_loss = sum(losses.values()) / max(1, len(losses))
+        print0(f"step {step + 1}/{total_steps} | lr {lr:.2e} | mean BLD loss {mean_loss:.4f} | {tok_s:.0f} tok/s")
+        wandb_run.log({"step": step + 1, "lr": lr, "bld/mean_loss": mean_loss, "bld/tok_per_s": tok_s,
+                       **{f"bld/{k}": v for k, v in losses.items()}})
+        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            path = os.path.join(state_dir, f"step-{step + 1:06d}")
+            save_train_state(path, step + 1, modules, optimizer, curves=curves)
+            for old in os.listdir(state_dir):  # keep only the newest state (optimizer moments are large)
+                if old.startswith("step-") and os.path.join(state_dir, old) != path:
+                    shutil.rmtree(os.path.join(state_dir, old), ignore_errors=True)
+    bld_time = time.time() - t0
+    bld_tok_s = tokens_seen * 1.0 / bld_time if tokens_seen else 0.0
+
+    val_final = {}
+    for i in range(0, len(val_ids), args.batch_size):
+        for k, v in bld_step(parent, val_ids[i:i + args.batch_size], jobs_at, modules, autocast, train=False).items():
+            val_final[k] = val_final.get(k, 0.0) + v * len(val_ids[i:i + args.batch_size]) / len(val_ids)
+    for key, m in modules.items():
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, variant_path(work, key))
+    local = {k: {"loss_curve": curves[k], "val_loss_init": val_init[k], "val_loss_bld": val_final[k]} for k in modules}
+    if ddp:
+        torch.distributed.barrier()  # every rank's variants are on disk
+
+    # ------------------------------------------------------------------------
+    # Replace-one-block scores on held-out text (sharded over ranks like BLD)
+    t1 = time.time()
+    held = torch.as_tensor(text_chunks(tokenizer, load_documents(args.data, "heldout"), args.score_seq_len))
+    if len(held) < args.score_seqs:
+        die(f"only {len(held)} held-out sequences of {args.score_seq_len} tokens, need --score-seqs {args.score_seqs}")
+    held = held[:args.score_seqs]
+    to_score = [e for e in entries if not e["parent"]]
+    my_score = shard_list(to_score)
+    states = {e["key"]: (None if e["config"]["no_op"] else load_file(variant_path(work, e["key"]))) for e in my_score}
+    scores = replace_one_block_scores(parent, held, my_score, states, args.batch_size, autocast)
+    score_time = time.time() - t1
+    if ddp:
+        gathered = [None] * world_size
+        torch.distributed.all_gather_object(gathered, (scores, local))
+        scores, local = {}, {}
+        for s, loc in gathered:
+            scores.update(s)
+            local.update(loc)
+    if rank == 0:
+        base = scores.pop("__parent__")
+        for e in entries:  # parent variants: the parent itself (score 0)
+            if e["parent"]:
+                scores[e["key"]] = {"kl": 0.0, **{k: base[k] for k in ("lm_loss", "next_token_acc")},
+                                    "top1_agreement": 1.0}
+            scores[e["key"]]["lm_loss_delta"] = scores[e["key"]]["lm_loss"] - base["lm_loss"]
+        print0(f"replace-one-block scores: {len(to_score)} variants in {score_time:.0f}s")
+
+    # ------------------------------------------------------------------------
+    # Save: library.json + scores.json, then rename into place; metrics
+    if rank == 0:
+        lib_entries = []
+        for e in entries:
+            d = {k: v for k, v in e.items() if k != "config_obj"}
+            d.update(local.get(e["key"], {}))
+            lib_entries.append(d)
+        n_forwards = 1  # decoupled BLD: one parent forward per batch feeds all variants
+        bld_stats = {"steps": total_steps, "tokens": total_steps * args.batch_size * args.seq_len,
+                     "tok_per_s": bld_tok_s, "seconds": bld_time, "parent_forwards_per_batch": n_forwards,
+                     "world_size": world_size}
+        library = {"parent": os.path.abspath(args.parent), "num_layers": config.num_hidden_layers,
+                   "hidden_size": config.hidden_size, "score_default": "kl",
+                   "space": {s: [{"name": v["name"], "config": v["config"].__dict__, "parent": v["parent"]}
+                                 for v in space[s]] for s in SUBBLOCKS},
+                   "variants": lib_entries, "bld": bld_stats, "args": user_config}
+        write_json_atomic(os.path.join(work, "scores.json"), {"parent": base, "variants": scores,
+                                                             "held_out_tokens": held.numel()})
+        write_json_atomic(os.path.join(work, "library.json"), library)
+        os.replace(work, args.out)
+        shutil.rmtree(args.out.rstrip("/") + ".state", ignore_errors=True)
+        trained = [e for e in lib_entries if "val_loss_bld" in e]
+        improved = sum(e["val_loss_bld"] < e["val_loss_init"] for e in trained)
+        metrics = {"variants": len(entries), "trained_variants": len(trained), "bld_steps": total_steps,
+                   "bld_tokens": bld_stats["tokens"], "bld_tok_per_s": bld_tok_s, "parent_forwards_per_batch": 1,
+                   "val_loss_init_mean": sum(e["val_loss_init"] for e in trained) / max(1, len(trained)),
+                   "val_loss_bld_mean": sum(e["val_loss_bld"] for e in trained) / max(1, len(trained)),
+                   "variants_improved_by_bld": improved, "score_seconds": score_time,
+                   "parent_lm_loss": base["lm_loss"]}
+        write_metrics(run_dir, "bld", metrics)
+        wandb_run.log({f"summary/{k}": v for k, v in metrics.items()})
+        # table: mean score per variant over layers
+        print0(f"\n{'variant':<22}{'mean KL':>10}{'max KL':>10}{'top1':>8}{'BLD loss init→trained':>26}")
+        for sub in SUBBLOCKS:
+            for v in space[sub]:
+                es = [e for e in lib_entries if e["subblock"] == sub and e["name"] == v["name"]]
+                kls = [scores[e["key"]]["kl"] for e in es]
+                t1_ = sum(scores[e["key"]]["top1_agreement"] for e in es) / len(es)
+                bl = (f"{sum(e['val_loss_init'] for e in es) / len(es):.4f} → "
+                      f"{sum(e['val_loss_bld'] for e in es) / len(es):.4f}") if "val_loss_bld" in es[0] else "-"
+                print0(f"{sub + ':' + v['name']:<22}{sum(kls) / len(kls):>10.4f}{max(kls):>10.4f}{t1_:>8.3f}{bl:>26}")
+        print0(f"\nBLD: {total_steps} steps, {bld_tok_s:.0f} tok/s, 1 parent forward per batch; "
+               f"{improved}/{len(trained)} variants improved; library at {args.out}")
+    wandb_run.finish()
+    compute_cleanup()
+
+
+from common.data import text_chunks  # noqa: E402
+from common.dist import compute_cleanup, compute_init, print0, shard_list  # noqa: E402
+from common.tracking import add_wandb_args, init_wandb  # noqa: E402
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""Stage 4: global knowledge distillation (Puzzle's "uptraining") of a child from its parent.
+
+The student is any checkpoint of ours (02's child, 03's fused child); the teacher is its parent, found by
+following the student's meta.json "parent" (or --teacher). Losses, selectable and combinable (--loss,
+"name" or "name:weight", comma-separated): fkl (forward KL on logits, temperature --temperature), rkl
+(reverse KL), cosine (1 - cos on hidden states), lm (next-token cross entropy). Default cosine,fkl: the best
+in Puzzle's ablation (adding lm to KD hurt there). An optional continued-pretraining phase with the LM loss
+follows KD (--cpt-tokens), as LN-Ultra did (65B tokens KD, then 88B CPT).
+
+What cosine matches (--cosine-on): "layers" = the output of every student layer against the teacher layer
+whose output it reproduces (the identity for a child with the parent's layer count; the layer_map in
+meta.json for a fused child, where a fused layer stands for the last layer of its group); "final" = only the
+last layer's output (the residual stream before the final norm). "auto" = layers when the map is known.
+
+Packed sequences of the distillation mix (data_gen.text, kept apart from the evaluation suite's held-out
+text) or any text data set `datasets` can load (--data a .jsonl/.json/.txt/.parquet/.csv file or directory,
+--text-column). DDP under torchrun (FSDP2 with --fsdp), gradient accumulation, warmup + cosine, bf16
+autocast where supported, gradient clipping. A non-finite or exploding loss stops the run with a message and
+leaves the last good state in <out>.state/; --resume continues with the same schedule and data order;
+--reset-optimizer resumes with fresh AdamW moments (what LN-Ultra needed after its gradient explosions).
+
+    python 04_distill.py --student runs/smol/child --out runs/smol/distilled        # CPU: 96k tokens, ~10 min
+    torchrun --standalone --nproc_per_node 8 04_distill.py --student runs/big/child --out runs/big/distilled \\
+        --tokens 200000000 --seq-len 4096 --batch-size 4 --grad-accum 4              # 8 GPUs
+    python 04_distill.py --student /tmp/child --out /tmp/kd --tokens 2048 --seq-len 64 --eval-tokens 256 \\
+        --wandb-mode disabled                                                          # tiny smoke run
+    python 04_distill.py --student runs/smol/child --out runs/smol/kd_ablation --tokens 16384 \\
+        --loss-ablation "lm;fkl;cosine;cosine,fkl;cosine,fkl,lm"                      # Puzzle's loss table
+
+Outputs: <out>/ (checkpoint), <run-dir>/metrics/<--metrics-name>.json (default distill.json).
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from common.checkpoint import CheckpointError, is_complete, load_checkpoint, load_meta, save_checkpoint, write_metrics
+from common.checkpoint import save_state as save_state_file
+from common.losses import cosine_hidden, forward_kl, lm_loss, reverse_kl
+from common.optim import latest_state, load_train_state, lr_at, make_adamw, set_lr
+
+LOSSES = ("fkl", "rkl", "cosine", "lm")
+
+# ----------------------------------------------------------------------------
+# Arguments
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", required=True, help="checkpoint to train (the child, the fused child, ...)")
+    p.add_argument("--teacher", default=None, help="default: follow the student's meta.json 'parent'")
+    p.add_argument("--out", required=True, help="output checkpoint directory, e.g. runs/smol/distilled")
+    p.add_argument("--run-dir", default=None, help="where metrics/ goes (default: parent dir of --out)")
+    p.add_argument("--metrics-name", default="distill", help="metrics/<this>.json")
+    # losses
+    p.add_argument("--loss", default="cosine,fkl", help=f"comma-separated name[:weight], names {LOSSES}")
+    p.add_argument("--temperature", type=float, default=1.0, help="KL temperature (fkl, rkl)")
+    p.add_argument("--cosine-on", default="auto", choices=["auto", "layers", "final"], help="matched hidden states")
+    p.add_argument("--loss-ablation", default="", help="';'-separated --loss specs trained from the same init; "
+                   "writes a table, no checkpoint (e.g. 'lm;fkl;cosine;cosine,fkl;cosine,fkl,lm')")
+    # data
+    p.add_argument("--data", default="mix", help="'mix' (data_gen.text distillation mix) or a local data set path")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--seq-len", type=int, default=256, help="packed row length")
+    # optimization
+    p.add_argument("--tokens", type=int, default=98304, help="KD token budget (CPU: 96k tokens ~ 10 min)")
+    p.add_argument("--max-steps", type=int, default=-1, help="cap on KD optimizer steps (-1 = from --tokens)")
+    p.add_argument("--cpt-tokens", type=int, default=0, help="continued pretraining (LM loss) after KD (0 = off)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch per rank")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step per rank")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--cpt-lr", type=float, default=5e-5)
+    p.add_argument("--warmup-frac", type=float, default=0.1)
+    p.add_argument("--min-lr-frac", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--explode-factor", type=float, default=10.0, help="stop when loss > this x recent mean (-1 = off)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast compute dtype")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (resume then resets the optimizer)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    # resume
+    p.add_argument("--save-every", type=int, default=20, help="optimizer steps between resume states (-1 = off)")
+    p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/")
+    p.add_argument("--reset-optimizer", action="store_true", help="with --resume: fresh optimizer moments")
+    p.add_argument("--debug-nan-step", type=int, default=-1, help="testing: make the loss NaN at this step")
+    # evaluation
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens at start and end (0 = skip)")
+    p.add_argument("--speed-new-tokens", type=int, default=0, help="decode steps for a speed check vs teacher (0 = skip)")
+    from common.tracking import add_wandb_args
+    add_wandb_args(p)
+    return p
+
+
+def parse_losses(spec: str) -> dict:
+    out = {}
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, w = part.partition(":")
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r} in --loss {spec!r}; choose from {LOSSES}")
+        out[name] = float(w) if w else 1.0
+    if not out:
+        raise ValueError(f"--loss {spec!r} names no loss; e.g. --loss cosine,fkl")
+    return out
+
+
+def resolve_teacher(student: str, given: str | None) -> str:
+    """Follow meta.json 'parent' links until a checkpoint of stage 'parent' (or one with no further parent)."""
+    if given:
+        load_meta(given)
+        return given
+    path, seen = student, set()
+    while True:
+        meta = load_meta(path)
+        nxt = meta.get("parent")
+        if meta.get("stage") == "parent" and path != student:
+            return path
+        if not nxt or not os.path.isdir(nxt) or nxt in seen:
+            if path == student:
+                raise CheckpointError(f"{student}/meta.json names no parent checkpoint ({nxt!r}); pass --teacher PATH")
+            return path
+        seen.add(path)
+        path = nxt
+
+
+def load_documents(data: str, text_column: str) -> list[str]:
+    if data == "mix":
+        from data_gen.text import distill_documents
+        return distill_documents("train")
+    if not os.path.exists(data):
+        raise ValueError(f"--data {data!r} is neither 'mix' nor an existing file or directory")
+    import datasets
+    files = data if os.path.isfile(data) else sorted(os.path.join(data, f) for f in os.listdir(data))
+    first = files if isinstance(files, str) else files[0]
+    ext = first.rsplit(".", 1)[-1]
+    kind = {"jsonl": "json", "json": "json", "txt": "text", "parquet": "parquet", "csv": "csv"}.get(ext)
+    if kind is None:
+        raise ValueError(f"--data {data!r}: cannot tell the format from '.{ext}'; use jsonl, json, txt, parquet or csv")
+    ds = datasets.load_dataset(kind, data_files=files, split="train")
+    if text_column not in ds.column_names:
+        raise ValueError(f"--data {data!r} has no column {text_column!r} (columns {ds.column_names}); set --text-column")
+    return [t for t in ds[text_column] if t]
+
+
+# ----------------------------------------------------------------------------
+# The KD objective
+
+
+def kd_loss(s_out, t_out, losses: dict, ids, temperature=1.0, layer_pairs=None) -> tuple[torch.Tensor, dict]:
+    """Weighted sum of the selected losses; layer_pairs = [(student_idx, teacher_idx)] into hidden_states."""
+    parts = {}
+    if "fkl" in losses:
+        parts["fkl"] = forward_kl(s_out.logits, t_out.logits, temperature)
+    if "rkl" in losses:
+        parts["rkl"] = reverse_kl(s_out.logits, t_out.logits, temperature)
+    if "cosine" in losses:
+        pairs = layer_pairs or [(-1, -1)]
+        parts["cosine"] = cosine_hidden([s_out.hidden_states[a] for a, _ in pairs],
+                                        [t_out.hidden_states[b] for _, b in pairs])
+    if "lm" in losses:
+        parts["lm"] = lm_loss(s_out.logits, ids)
+    total = sum(losses[k] * v for k, v in parts.items())
+    return total, {k: v.item() for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    user_config = vars(args).copy()
+    torch.set_num_threads(args.threads)
+    from common.dist import all_reduce_mean, autocast_ctx, compute_init, print0, wrap_ddp, wrap_fsdp
+    from common.tracking import init_wandb
+
+    run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
+    state_dir = args.out.rstrip("/") + ".state"
+    ablation = [s.strip() for s in args.loss_ablation.split(";") if s.strip()]
+    try:
+        specs = [parse_losses(s) for s in (ablation or [args.loss])]
+        cpt = {"lm": 1.0}
+        if args.reset_optimizer and not args.resume:
+            raise ValueError("--reset-optimizer only applies with --resume")
+        if ablation and (args.resume or args.cpt_tokens):
+            raise ValueError("--loss-ablation runs short KD trials from one init; drop --resume / --cpt-tokens")
+        if not ablation and is_complete(args.out):
+            raise ValueError(f"{args.out} is already a finished checkpoint; choose another --out or delete it")
+        if args.resume and not latest_state(state_dir):
+            raise ValueError(f"--resume: no finished state in {state_dir}; start without --resume")
+        teacher_path = resolve_teacher(args.student, args.teacher)
+        student_meta = load_meta(args.student)
+    except (ValueError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+    ddp, rank, local_rank, world_size, device = compute_init()
+    torch.manual_seed(args.seed)
+    wandb_run = init_wandb(args.wandb_project, args.run_name or args.metrics_name, user_config,
+                           mode=args.wandb_mode, master=rank == 0)
+    cdtype = getattr(torch, args.dtype)
+    student, tokenizer = load_checkpoint(args.student, dtype=torch.float32, device=device)  # fp32 master weights
+    teacher, _ = load_checkpoint(teacher_path, dtype=cdtype, device=device, with_tokenizer=False)
+    teacher.requires_grad_(False)
+    autocast = lambda: autocast_ctx(device, enabled=cdtype != torch.float32)  # noqa: E731
+
+    # matched hidden states for the cosine loss: student layer k reproduces teacher layer layer_map[k]
+    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    layer_map = student_meta.get("layer_map") or (list(range(n_s)) if n_s == n_t else None)
+    cosine_on = args.cosine_on if args.cosine_on != "auto" else ("layers" if layer_map else "final")
+    if cosine_on == "layers" and not layer_map:
+        sys.exit(f"error: --cosine-on layers needs a layer map (student {n_s} layers, teacher {n_t}); use final")
+    layer_pairs = [(k + 1, j + 1) for k, j in enumerate(layer_map)] if cosine_on == "layers" else [(-1, -1)]
+    print0(f"student {args.student} ({n_s} layers), teacher {teacher_path} ({n_t} layers); cosine on {cosine_on}")
+
+    # -------------------------------------------------------------------- data: packed rows, one global order
+    from common.data import text_chunks
+    try:
+        rows = torch.as_tensor(text_chunks(tokenizer, load_documents(args.data, args.text_column), args.seq_len))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if len(rows) == 0:
+        sys.exit(f"error: --data {args.data} gives no packed row of {args.seq_len} tokens; lower --seq-len")
+    per_step = args.batch_size * args.grad_accum * world_size
+    kd_steps = max(1, args.tokens // (per_step * args.seq_len))
+    kd_steps = min(kd_steps, args.max_steps) if args.max_steps > 0 else kd_steps
+    cpt_steps = args.cpt_tokens // (per_step * args.seq_len) if args.cpt_tokens > 0 else 0
+    phases = [("kd", kd_steps, args.lr)] + ([("cpt", cpt_steps, args.cpt_lr)] if cpt_steps else [])
+    print0(f"{len(rows)} packed rows of {args.seq_len}; {per_step * args.seq_len} tokens/step; "
+           + ", ".join(f"{n} {s} steps" for n, s, _ in phases))
+
+    def micro_batch(global_step: int, micro: int) -> torch.Tensor:
+        """Rows of this rank's micro-batch: a fixed function of the step, so resume and world size keep the order."""
+        g = (global_step * args.grad_accum + micro) * world_size + rank  # global micro-batch index
+        idx = []
+        for k in range(g * args.batch_size, (g + 1) * args.batch_size):
+            epoch, j = divmod(k, len(rows))
+            perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+            idx.append(perm[j].item())
+        return rows[idx].to(device)
+
+    # -------------------------------------------------------------------- evaluation (rank 0)
+    text_eval = None
+    if rank == 0 and args.eval_tokens > 0:
+        from common.evaluate import TextEval
+        text_eval = TextEval(teacher, tokenizer, max_tokens=args.eval_tokens, seq_len=args.seq_len)
+
+    def evaluate(model):
+        if text_eval is None:
+            return {}
+        with autocast():
+            return text_eval(model)  # eval mode inside, training mode restored
+
+    parent_eval = text_eval.parent if text_eval else {}
+
+    # -------------------------------------------------------------------- training
+    def train(model0, losses, resume_from=None):
+        """KD (then CPT) phases; returns the history. Exits non-zero on a NaN / exploding loss."""
+        model = model0
+        model.train()
+        if args.fsdp:
+            model = wrap_fsdp(model0, device)
+        elif ddp:
+            model = wrap_ddp(model0, device)
+        optimizer = make_adamw(model.named_parameters(), args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+        start, history = 0, []
+        if resume_from:
+            st = load_train_state(resume_from, None, optimizer if not (args.reset_optimizer or args.fsdp) else None)
+            start, history = int(st["step"]), json.loads(st["history_json"])
+            print0(f"resumed from {resume_from} at step {start}" + (" with a fresh optimizer" if args.reset_optimizer else ""))
+        total = sum(s for _, s, _ in phases)
+        t0, tokens = time.time(), 0
+        for step in range(start, total):
+            phase, offset = phases[0], 0
+            for ph in phases:  # which phase this global step is in
+                if step < offset + ph[1]:
+                    phase = ph
+                    break
+                offset += ph[1]
+            name, steps, peak = phase
+            lr = lr_at(step - offset, steps, peak, int(args.warmup_frac * steps), peak * args.min_lr_frac)
+            set_lr(optimizer, lr)
+            obj = losses if name == "kd" else cpt
+            loss_sum, parts_sum = torch.zeros((), device=device), {}
+            for micro in range(args.grad_accum):
+                ids = micro_batch(step, micro)
+                need_hidden = "cosine" in obj
+                with torch.no_grad(), autocast():
+                    t_out = teacher(ids, use_cache=False, output_hidden_states=need_hidden) if set(obj) != {"lm"} else None
+                with autocast():
+                    s_out = model(ids, use_cache=False, output_hidden_states=need_hidden)
+                loss, parts = kd_loss(s_out, t_out, obj, ids, args.temperature, layer_pairs)
+                if step == args.debug_nan_step:
+                    loss = loss * float("nan")
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.detach() / args.grad_accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v / args.grad_accum
+                tokens += ids.numel() * world_size
+            loss_val = all_reduce_mean(loss_sum).item() if world_size > 1 else loss_sum.item()
+            recent = [h["loss"] for h in history[-10:] if h["phase"] == name]
+            exploded = args.explode_factor > 0 and len(recent) >= 3 and loss_val > args.explode_factor * (sum(recent) / len(recent))
+            if not math.isfinite(loss_val) or exploded:
+                last = latest_state(state_dir)
+                what = "not finite" if not math.isfinite(loss_val) else f"exploding (> {args.explode_factor}x recent mean)"
+                sys.exit(f"error: {name} loss {loss_val:.4g} at step {step} is {what}; stopped without saving. "
+                         f"Last good state: {last or 'none (set --save-every)'}; rerun with --resume --reset-optimizer "
+                         f"and a lower --lr")
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            gnorm = gnorm.full_tensor().item() if hasattr(gnorm, "full_tensor") else gnorm.item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append({"step": step, "phase": name, "loss": loss_val, "lr": lr, "grad_norm": gnorm, **parts_sum})
+            tps = tokens / (time.time() - t0)
+            wandb_run.log({f"{name}/loss": loss_val, f"{name}/lr": lr, f"{name}/grad_norm": gnorm, f"{name}/tok_per_s": tps,
+                           **{f"{name}/{k}": v for k, v in parts_sum.items()}}, step=step)
+            if step % 5 == 0 or step == total - 1:
+                print0(f"{name} step {step + 1}/{total} loss {loss_val:.4f} "
+                       + " ".join(f"{k} {v:.4f}" for k, v in parts_sum.items()) + f" lr {lr:.2e} {tps:.0f} tok/s")
+            if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total and not ablation:
+                save_state(model, optimizer, step + 1, history)
+        return history, model
+
+    def full_state(model):
+        if args.fsdp:  # gather the shards on every rank
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return getattr(model, "module", model).state_dict()
+
+    def save_state(model, optimizer, step, history):
+        sd = full_state(model)
+        if rank == 0:  # weights, AdamW moments, step, RNG, the loss curve so far and the start-of-run eval
+            state = {"step": step, "torch_rng": torch.get_rng_state(), "model": sd, "history_json": json.dumps(history),
+                     "before_json": json.dumps(before_box)}
+            if not args.fsdp:
+                state["optimizer"] = optimizer.state_dict()
+            save_state_file(os.path.join(state_dir, f"step-{step:06d}"), state)
+        if world_size > 1:
+            torch.distributed.barrier()
+
+    before_box = {}
+
+    # -------------------------------------------------------------------- ablation mode: one table, no checkpoint
+    if ablation:
+        init_state = copy.deepcopy(student.state_dict())
+        table = [{"loss": "none (no uptraining)", **evaluate(student)}]
+        for spec, losses in zip(ablation, specs):
+            student.load_state_dict(init_state)
+            hist, _ = train(student, losses)
+            table.append({"loss": spec, "final_train_loss": hist[-1]["loss"], **evaluate(student)})
+            print0(f"ablation {spec}: {table[-1]}")
+        if rank == 0:
+            metrics = {"student": args.student, "teacher": teacher_path, "tokens_per_trial": kd_steps * per_step * args.seq_len,
+                       "parent": parent_eval, "cosine_on": cosine_on, "table": table}
+            write_metrics(run_dir, args.metrics_name, metrics)
+            print(f"\nKD loss ablation ({metrics['tokens_per_trial']} tokens each, student {args.student})")
+            print("| loss | KL(parent||model) | next-token acc | retention | top-1 agree | LM loss |")
+            print("|---|---|---|---|---|---|")
+            for r in table:
+                ret = r.get("next_token_acc", float("nan")) / parent_eval.get("next_token_acc", float("nan"))
+                print(f"| {r['loss']} | {r.get('kl_parent', float('nan')):.4f} | {r.get('next_token_acc', float('nan')):.4f} "
+                      f"| {ret:.3f} | {r.get('top1_agreement', float('nan')):.4f} | {r.get('lm_loss', float('nan')):.4f} |")
+        wandb_run.finish()
+        return None
+
+    # -------------------------------------------------------------------- KD (+ CPT), save
+    resume_from = None
+    if args.resume:
+        resume_from = latest_state(state_dir)
+        st = load_train_state(resume_from)  # weights before wrapping (DDP broadcasts, FSDP shards them)
+        student.load_state_dict(st["model"])
+        before = json.loads(st.get("before_json", "{}"))
+    else:
+        before = evaluate(student)
+    before_box.update(before)
+    if rank == 0 and not args.resume and args.save_every > 0:
+        os.makedirs(state_dir, exist_ok=True)
+
+    history, model = train(student, specs[0], resume_from)
+    sd = full_state(model)
+    after, speed = {}, {}
+    if rank == 0:
+        if args.fsdp:  # the trained module is sharded in place: evaluate and save an unsharded copy
+            student = load_checkpoint(args.student, dtype=torch.float32, device=device, with_tokenizer=False)[0]
+        student.load_state_dict(sd)
+        after = evaluate(student)
+        if args.speed_new_tokens > 0:
+            from common.evaluate import speed_eval
+            speed = speed_eval(copy.deepcopy(student).to(cdtype).eval(), teacher.eval(), batch_size=4,
+                               seq_len=args.seq_len, decode_tokens=args.speed_new_tokens)
+        pacc = parent_eval.get("next_token_acc")
+        retention = {k: (m["next_token_acc"] / pacc if m and pacc else None) for k, m in (("before", before), ("after", after))}
+        metrics = {"student": args.student, "teacher": teacher_path, "out": args.out, "loss": args.loss,
+                   "cosine_on": cosine_on, "tokens": sum(s for _, s, _ in phases) * per_step * args.seq_len,
+                   "kd_steps": kd_steps, "cpt_steps": cpt_steps, "world_size": world_size,
+                   "parent": parent_eval, "before": before, "after": after, "retention": retention, "speed": speed,
+                   "history": history}
+        save_checkpoint(student, tokenizer, args.out, stage="distill", args=user_config,
+                        meta={"parent": teacher_path, "input": args.student, "layer_map": layer_map,
+                              "metrics": {k: metrics[k] for k in ("before", "after", "retention", "speed", "tokens")}})
+        write_metrics(run_dir, args.metrics_name, metrics)
+        wandb_run.log({**{f"eval/before_{k}": v for k, v in before.items()}, **{f"eval/after_{k}": v for k, v in after.items()}})
+        print(f"\nGlobal KD {args.student} -> {args.out} ({metrics['tokens']} tokens, loss {args.loss}, cosine on {cosine_on})")
+        print("| model | KL(parent||model) | next-token acc | retention | top-1 agree | LM loss |")
+        print("|---|---|---|---|---|---|")
+        for name, m in (("parent", parent_eval), ("before KD", before), ("after KD", after)):
+            if m:
+                ret = m["next_token_acc"] / pacc if pacc else float("nan")
+                print(f"| {name} | {m['kl_parent']:.4f} | {m['next_token_acc']:.4f} | {ret:.3f} | "
+                      f"{m['top1_agreement']:.4f} | {m['lm_loss']:.4f} |")
+        if speed:
+            print("speed vs teacher: " + ", ".join(f"{k} {v:.3g}" for k, v in speed.items() if isinstance(v, (int, float))))
+    if world_size > 1:
+        torch.distributed.barrier()
+    wandb_run.finish()
+    return history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Stage 5: SFT with the reasoning toggle ("detailed thinking on/off" in the system prompt).
+
+LN-Nano's staged curriculum (REFERENCE.md "SFT and the reasoning toggle"):
+  stage 1  reasoning data only (math, science) -- prevents repetitive completions
+  stage 2  non-reasoning responses mixed in   -- teaches the toggle
+  stage 3  a small chat / instruction-following blend
+Token-level cross entropy on assistant tokens only; examples packed into fixed-length rows with
+positions and attention kept within each example; warmup + cosine per stage; bf16 autocast.
+
+    python 05_sft.py --init runs/smol/parent --data data/smol --out runs/smol/sft          # CPU, ~15 min
+    torchrun --standalone --nproc_per_node 8 05_sft.py --init ... --seq-len 4096 --epochs 1,1,1 --batch-size 8
+    python 05_sft.py --init runs/smol/parent --data data/smol --out /tmp/sft --max-steps 2,2,2 --eval-problems 8
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+from common.checkpoint import CheckpointError, is_complete, load_checkpoint, load_meta, save_checkpoint, write_metrics
+from common.data import collate, pack_examples, tokenize_sft_example
+from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, shard_list, wrap_ddp
+from common.evaluate import generation_eval
+from common.optim import latest_state, load_train_state, lr_at, make_adamw, save_train_state, set_lr
+from common.tracking import add_wandb_args, init_wandb
+from data_gen.math_problems import eval_problems
+from data_gen.records import load_records
+
+# ----------------------------------------------------------------------------
+# Arguments
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--init", required=True, help="checkpoint to fine-tune (the distilled child, or the parent)")
+p.add_argument("--data", required=True, help="directory with train.jsonl / validation.jsonl from data_gen.build")
+p.add_argument("--out", required=True, help="output checkpoint directory, e.g. runs/smol/sft")
+# curriculum: one value per stage (reasoning-only, +non-reasoning, +chat/IF)
+p.add_argument("--epochs", default="1,1,1", help="epochs per stage")
+p.add_argument("--max-steps", default="-1,-1,-1", help="cap on optimizer steps per stage (-1 = no cap)")
+p.add_argument("--lr", default="1e-4,5e-5,2e-5", help="peak learning rate per stage (LN-Nano stage 1: 1e-4)")
+p.add_argument("--chat-fraction", type=float, default=0.25, help="stage 3: chat/IF share of the blend")
+# optimization
+p.add_argument("--seq-len", type=int, default=512, help="packed row length")
+p.add_argument("--batch-size", type=int, default=4, help="packed rows per micro-batch per rank")
+p.add_argument("--grad-accum", type=int, default=2)
+p.add_argument("--warmup-frac", type=float, default=0.1, help="LN-Ultra: 10%% warmup then cosine")
+p.add_argument("--min-lr-frac", type=float, default=0.1)
+p.add_argument("--weight-decay", type=float, default=0.0)
+p.add_argument("--grad-clip", type=float, default=1.0)
+p.add_argument("--max-train-examples", type=int, default=-1, help="cap on training records (-1 = all)")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--save-every", type=int, default=50, help="optimizer steps between resume states")
+p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/")
+# evaluation
+p.add_argument("--eval-problems", type=int, default=64, help="held-out problems per mode (0 = skip)")
+p.add_argument("--eval-max-new-tokens", type=int, default=160)
+p.add_argument("--run-dir", default=None, help="where metrics/sft.json goes (default: the parent of --out)")
+add_wandb_args(p)
+args = p.parse_args()
+user_config = vars(args).copy()
+
+
+def per_stage(s, cast):
+    vals = [cast(v) for v in s.split(",")]
+    if len(vals) != 3:
+        sys.exit(f"error: expected 3 comma-separated values (one per SFT stage), got {s!r}")
+    return vals
+
+
+epochs, max_steps, lrs = per_stage(args.epochs, float), per_stage(args.max_steps, int), per_stage(args.lr, float)
+run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
+state_dir = args.out.rstrip("/") + ".state"
+if is_complete(args.out):
+    sys.exit(f"error: {args.out} is already a finished checkpoint; choose another --out or delete it")
+try:
+    init_meta = load_meta(args.init)
+except CheckpointError as e:
+    sys.exit(f"error: {e}")
+
+# ----------------------------------------------------------------------------
+# Init
+
+ddp, rank, local_rank, world_size, device = compute_init(args.seed)
+wandb_run = init_wandb(args.wandb_project, args.run_name or "sft", user_config, mode=args.wandb_mode)
+model, tokenizer = load_checkpoint(args.init, dtype=torch.float32, device=device)  # fp32 master weights
+parent_path = init_meta.get("parent") if init_meta.get("stage") != "parent" else args.init
+print0(f"init {args.init} (stage {init_meta.get('stage')}); {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
+
+# ----------------------------------------------------------------------------
+# Data: the three curriculum stages as lists of tokenized examples
+
+try:
+    train = load_records(args.data, "train")
+except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+records = [dict(r) for r in train]
+if args.max_train_examples > 0:
+    records = random.Random(args.seed).sample(records, min(len(records), args.max_train_examples))
+reasoning_on = [r for r in records if r["reasoning"] == "on" and r["category"] != "chat"]
+reasoning_off = [r for r in records if r["reasoning"] == "off" and r["category"] != "chat"]
+chat = [r for r in records if r["category"] == "chat"]
+rng = random.Random(args.seed)
+# stage 3 replays on/off records beside the chat set so chat makes up --chat-fraction of the blend
+replay = int(len(chat) * (1 - args.chat_fraction) / max(args.chat_fraction, 1e-6) / 2)
+stage_records = [
+    reasoning_on,                                   # 1: reasoning only
+    reasoning_on + reasoning_off,                   # 2: the toggle
+    rng.sample(reasoning_on, min(replay, len(reasoning_on))) + rng.sample(reasoning_off, min(replay, len(reasoning_off))) + chat,
+]
+if not reasoning_on or not reasoning_off:
+    sys.exit(f"error: {args.data} needs reasoning on and off records (found {len(reasoning_on)} on, "
+             f"{len(reasoning_off)} off); build it with python -m data_gen.build --out {args.data}")
+
+
+def packed_rows(recs, epoch_seed):
+    """Tokenize, shuffle (same order on every rank and on resume), pack, and keep this rank's rows."""
+    examples = [tokenize_sft_example(tokenizer, r, args.seq_len) for r in recs]
+    random.Random(epoch_seed).shuffle(examples)
+    return shard_list(pack_examples(examples, args.seq_len), rank, world_size)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation before training, both modes (the parent's numbers come from the same problems)
+
+problems = eval_problems(args.eval_problems, seed=1234) if args.eval_problems > 0 else []
+
+
+def eval_both_modes(m):
+    if not problems:
+        return {}
+    m.eval()
+    with autocast_ctx(device):
+        out = {mode: generation_eval(m, tokenizer, problems, reasoning=(mode == "on"),
+                                     max_new_tokens=args.eval_max_new_tokens, batch_size=16)
+               for mode in ("on", "off")}
+    m.train()
+    return out
+
+
+before = eval_both_modes(model) if rank == 0 and not args.resume else {}
+
+# ----------------------------------------------------------------------------
+# Training loop over the curriculum
+
+raw_model = model
+model = wrap_ddp(model, device) if ddp else model
+optimizer = make_adamw(raw_model.named_parameters(), lrs[0], betas=(0.9, 0.95), weight_decay=args.weight_decay)
+start = {"stage": 0, "step": 0, "global_step": 0}
+if args.resume and (last := latest_state(state_dir)):
+    st = load_train_state(last, raw_model, optimizer)
+    start = {k: int(st[k]) for k in start}
+    before = st.get("before_eval_json") and json.loads(st["before_eval_json"]) or {}
+    print0(f"resumed from {last}: stage {start['stage'] + 1}, step {start['step']}")
+
+history, t0, tokens_seen = [], time.time(), 0
+model.train()
+for s in range(start["stage"], 3):
+    rows = []
+    for e in range(max(1, int(round(epochs[s])))):
+        rows += packed_rows(stage_records[s], epoch_seed=args.seed * 1000 + s * 100 + e)
+    steps = len(rows) // (args.batch_size * args.grad_accum)
+    if max_steps[s] >= 0:
+        steps = min(steps, max_steps[s])
+    warmup = int(args.warmup_frac * steps)
+    first = start["step"] if s == start["stage"] else 0
+    print0(f"SFT stage {s + 1}: {len(stage_records[s])} records -> {len(rows)} packed rows/rank, {steps} steps, lr {lrs[s]}")
+    for step in range(first, steps):
+        lr = lr_at(step, steps, lrs[s], warmup, lrs[s] * args.min_lr_frac)
+        set_lr(optimizer, lr)
+        loss_sum = 0.0
+        for micro in range(args.grad_accum):
+            i = (step * args.grad_accum + micro) * args.batch_size
+            batch = collate(rows[i:i + args.batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast_ctx(device):
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False)
+            (out.loss / args.grad_accum).backward()
+            loss_sum += out.loss.item() / args.grad_accum
+            tokens_seen += int((batch["seq_ids"] >= 0).sum())
+        if not torch.isfinite(torch.tensor(loss_sum)):
+            sys.exit(f"error: non-finite SFT loss at stage {s + 1} step {step}; the last good state is in {state_dir}; "
+                     f"rerun with --resume and a lower --lr")
+        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        start["global_step"] += 1
+        history.append({"stage": s + 1, "step": step, "loss": loss_sum})
+        wandb_run.log({"sft/loss": loss_sum, "sft/lr": lr, "sft/grad_norm": gnorm, "sft/stage": s + 1,
+                       "sft/tok_per_s": tokens_seen / (time.time() - t0)}, step=start["global_step"])
+        if step % 10 == 0 or step == steps - 1:
+            print0(f"stage {s + 1} step {step + 1}/{steps} loss {loss_sum:.4f} lr {lr:.2e} "
+                   f"{tokens_seen / (time.time() - t0):.0f} tok/s")
+        if rank == 0 and args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < steps:
+            save_train_state(os.path.join(state_dir, f"step-{start['global_step']:06d}"), 0, raw_model, optimizer,
+                             stage=s, step=step + 1, global_step=start["global_step"],
+                             before_eval_json=json.dumps(before))
+
+# ----------------------------------------------------------------------------
+# Evaluate after, save, report
+
+after = eval_both_modes(raw_model) if rank == 0 else {}
+if rank == 0:
+    metrics = {"init": args.init, "train_tokens": tokens_seen * world_size, "wall_s": round(time.time() - t0, 1),
+               "final_loss": history[-1]["loss"] if history else None}
+    for when, res in (("before", before), ("after", after)):
+        for mode, r in res.items():
+            for k in ("accuracy", "format_compliance", "mean_response_tokens"):
+                metrics[f"{when}_{mode}_{k}"] = r[k]
+    for mode, r in after.items():
+        table = wandb_run.Table(columns=["mode", "prompt", "response", "correct"]) if hasattr(wandb_run, "Table") else None
+        if table is not None:
+            for sample in r["samples"]:
+                table.add_data(mode, *sample)
+            wandb_run.log({f"sft/samples_{mode}": table})
+    save_checkpoint(raw_model, tokenizer, args.out, stage="sft", args=user_config,
+                    meta={"parent": parent_path, "init": args.init, "metrics": metrics, "history": history})
+    write_metrics(run_dir, "sft", metrics)
+    print0(f"\n| mode | metric | {'before':>8} | {'after':>8} |\n|---|---|---|---|")
+    for mode in ("on", "off"):
+        for k in ("accuracy", "format_compliance", "mean_response_tokens"):
+            b, a = metrics.get(f"before_{mode}_{k}"), metrics.get(f"after_{mode}_{k}")
+            print0(f"| {mode} | {k} | {b if b is None else round(b, 3):>8} | {a if a is None else round(a, 3):>8} |")
+wandb_run.finish()
+compute_cleanup()

@@ -1,0 +1,143 @@
+"""Chat template with the reasoning toggle, SFT tokenization with a response-only loss mask, sequence packing,
+and fixed-length text chunks for BLD / KD.
+
+    msgs = build_messages(record, reasoning=True)           # system "detailed thinking on" + the user turns
+    prompt = render_prompt(tokenizer, msgs)                 # the string a generator continues
+    ex = tokenize_sft_example(tokenizer, record, max_len)   # labels -100 except the response and its <|im_end|>
+    packs = pack_examples([ex, ...], seq_len, pad_id)       # position ids restart per example
+    batch = collate(packs)                                  # tensors + block-diagonal causal attention_mask
+
+The toggle is the system prompt, as in Llama-Nemotron: "detailed thinking on" / "detailed thinking off".
+"""
+
+import torch
+
+SYSTEM_ON = "detailed thinking on"
+SYSTEM_OFF = "detailed thinking off"
+END_OF_TURN = "<|im_end|>"
+IGNORE = -100
+
+
+def build_messages(record_or_prompt, reasoning: bool) -> list[dict]:
+    """[system toggle, user turn(s)] from a prompt string or a record (whose `input` may be a string)."""
+    inp = record_or_prompt["input"] if isinstance(record_or_prompt, dict) else record_or_prompt
+    turns = [{"role": "user", "content": inp}] if isinstance(inp, str) else [dict(m) for m in inp]
+    return [{"role": "system", "content": SYSTEM_ON if reasoning else SYSTEM_OFF}] + turns
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat-templated prompt ending with the assistant header, as text (tokenize with add_special_tokens=False)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn_id(tokenizer) -> int:
+    tid = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return tid if tid is not None and tid != tokenizer.unk_token_id else tokenizer.eos_token_id
+
+
+def tokenize_sft_example(tokenizer, record: dict, max_len: int) -> dict:
+    """input_ids of the whole conversation; labels = input_ids on the response and its end-of-turn token, -100
+    elsewhere (system, user, assistant header, anything the template adds after <|im_end|>). Truncated to max_len.
+
+    The prompt is tokenized alone and as part of the conversation; the two must agree on the prefix, otherwise
+    a token merges across the boundary and the mask would be off by one: that raises instead.
+    """
+    reasoning = record.get("reasoning", "on" if record.get("system_prompt") == SYSTEM_ON else "off") == "on"
+    msgs = build_messages(record, reasoning)
+    prompt = render_prompt(tokenizer, msgs)
+    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": record["output"]}], tokenize=False)
+    prompt_ids, ids = _ids(tokenizer, prompt), _ids(tokenizer, full)
+    if not full.startswith(prompt) or ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"record {record.get('id')}: the tokenized prompt is not a prefix of the tokenized "
+                         f"conversation; the chat template must end the prompt at the assistant header")
+    eot = end_of_turn_id(tokenizer)
+    try:
+        end = ids.index(eot, len(prompt_ids)) + 1
+    except ValueError:
+        end = len(ids)
+    labels = [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):end] + [IGNORE] * (len(ids) - end)
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+
+
+def pack_examples(examples: list[dict], seq_len: int, pad_id: int = 0) -> list[dict]:
+    """Greedy packing in order: examples go into the current row until the next one does not fit.
+
+    Each row: input_ids, labels, position_ids (restarting at 0 per example), seq_ids (0, 1, ... per example in
+    the row; -1 for padding, whose labels are -100). Examples longer than seq_len are truncated.
+    """
+    rows, cur = [], []
+
+    def flush():
+        row = {"input_ids": [], "labels": [], "position_ids": [], "seq_ids": []}
+        for k, ex in enumerate(cur):
+            n = len(ex["input_ids"])
+            row["input_ids"] += ex["input_ids"]
+            row["labels"] += ex["labels"]
+            row["position_ids"] += list(range(n))
+            row["seq_ids"] += [k] * n
+        pad = seq_len - len(row["input_ids"])
+        for key, v in (("input_ids", pad_id), ("labels", IGNORE), ("position_ids", 0), ("seq_ids", -1)):
+            row[key] += [v] * pad
+        rows.append(row)
+
+    used = 0
+    for ex in examples:
+        ex = {"input_ids": list(ex["input_ids"][:seq_len]), "labels": list(ex["labels"][:seq_len])}
+        if not ex["input_ids"]:
+            continue
+        if used + len(ex["input_ids"]) > seq_len:
+            flush()
+            cur, used = [], 0
+        cur.append(ex)
+        used += len(ex["input_ids"])
+    if cur:
+        flush()
+    return rows
+
+
+def packed_attention_mask(seq_ids: torch.Tensor) -> torch.Tensor:
+    """Bool (B,1,T,T), True = may attend: causal within the same example only. A padding position (-1) sees only
+    itself, so no row is empty (an all-masked row gives NaN in softmax)."""
+    seq_ids = torch.as_tensor(seq_ids)
+    if seq_ids.dim() == 1:
+        seq_ids = seq_ids[None]
+    T = seq_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seq_ids.device).tril()
+    same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (seq_ids[:, :, None] >= 0)
+    eye = torch.eye(T, dtype=torch.bool, device=seq_ids.device)
+    return ((same & causal) | eye)[:, None]
+
+
+def collate(batch: list[dict], pad_id: int = 0) -> dict:
+    """Stack rows into tensors (right-padding rows of different lengths) and add the packed attention_mask.
+
+    Unpacked examples (only input_ids/labels) get position_ids 0..n-1 and seq_ids 0, so one path serves both.
+    """
+    T = max(len(b["input_ids"]) for b in batch)
+    out = {k: [] for k in ("input_ids", "labels", "position_ids", "seq_ids")}
+    for b in batch:
+        n, pad = len(b["input_ids"]), T - len(b["input_ids"])
+        out["input_ids"].append(list(b["input_ids"]) + [pad_id] * pad)
+        out["labels"].append(list(b.get("labels", b["input_ids"])) + [IGNORE] * pad)
+        out["position_ids"].append(list(b.get("position_ids", range(n))) + [0] * pad)
+        out["seq_ids"].append(list(b.get("seq_ids", [0] * n)) + [-1] * pad)
+    out = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    out["attention_mask"] = packed_attention_mask(out["seq_ids"])
+    return out
+
+
+def text_chunks(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
+    """(N, seq_len) token ids: documents tokenized, joined with EOS between them, cut into full chunks."""
+    eos = tokenizer.eos_token_id
+    ids = []
+    for doc in documents:
+        ids += _ids(tokenizer, doc) + [eos]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"text_chunks: {len(ids)} tokens make no chunk of {seq_len}; "
+                         f"give more text or a shorter seq_len")
+    return torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len)

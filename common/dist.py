@@ -1,0 +1,101 @@
+"""torchrun plumbing (nanochat style): one init for every stage, nccl on CUDA, gloo on CPU.
+
+    ddp, rank, local_rank, world_size, device = compute_init()
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def compute_init(seed: int = 0):
+    """Read torchrun's env vars, init the process group, seed per rank; returns (ddp, rank, local_rank, world, device)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(seed + rank)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_master() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(x):
+    """Mean over ranks of a tensor or a float (returns the same kind)."""
+    if not dist.is_initialized():
+        return x
+    t = x.detach().clone() if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= dist.get_world_size()
+    return t if isinstance(x, torch.Tensor) else t.item()
+
+
+def wrap_ddp(model, device, find_unused_parameters: bool = False):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def wrap_fsdp(model, device=None):
+    """FSDP2: shard each decoder layer, then the root (for models too big for DDP)."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def shard_list(items, rank: int | None = None, world_size: int | None = None):
+    """This rank's items, strided (items[rank::world]) so every item lands on exactly one rank."""
+    if rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return items[rank::world_size]
+
+
+def default_compute_dtype(device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def autocast_ctx(device, enabled: bool = True):
+    """bf16 autocast over float32 master weights (CUDA and CPU); the one place the compute dtype is set."""
+    device = torch.device(device)
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=default_compute_dtype(device))
+
+
+def progress(iterable, **kwargs):
+    if is_master():
+        from tqdm import tqdm
+        return tqdm(iterable, **kwargs)
+    return iterable

@@ -1,0 +1,144 @@
+"""One generation interface for evaluation, teacher sampling (data_gen) and RL.
+
+    outs = generate(model, tokenizer, prompts, n=4, temperature=1.0, max_new_tokens=256)
+    outs[i][j]  # j-th completion of prompts[i]: only the new text, special tokens dropped, <think> tags kept
+
+`prompts` are already-rendered strings (common.data.render_prompt: the chat template is in the text), so they
+are tokenized with add_special_tokens=False. The HF path (every CPU machine) runs batched `model.generate`
+with LEFT padding, rows sorted by prompt length so a batch pads little. On a CUDA machine with vLLM
+installed, `load_generator` returns a `VLLMGenerator` (FP8 optional) and `generate` dispatches to it.
+"""
+
+import torch
+from transformers import GenerationConfig
+
+THINK_TAGS = ("<think>", "</think>")
+
+
+def _stop_at(text: str, stop) -> str:
+    """Cut at the first stop string (excluded, as vLLM does)."""
+    for s in stop or ():
+        i = text.find(s)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
+def _decode_new(tokenizer, ids: list[int], eos_ids: set[int], drop_ids: set[int]) -> str:
+    """Decode generated ids: stop at the first EOS, drop special tokens except think tags (if a tokenizer
+    happens to make them special, skip_special_tokens would silently delete them)."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            ids = ids[:i]
+            break
+    return tokenizer.decode([t for t in ids if t not in drop_ids], skip_special_tokens=False)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    eos.append(tokenizer.eos_token_id)
+    return sorted({e for e in eos if e is not None})
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+             max_new_tokens: int = 128, batch_size: int = 16, stop: list[str] | None = None,
+             seed: int | None = None) -> list[list[str]]:
+    """n completions per prompt; greedy when temperature == 0 (then the n copies are identical).
+
+    `model` is a causal LM (ours or any HF one) or a VLLMGenerator. `batch_size` counts rows (prompt x sample)
+    per HF generate call. `stop` strings end a completion and are cut from it.
+    """
+    if isinstance(model, VLLMGenerator):
+        return model.generate(prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                              stop=stop, seed=seed)
+    if temperature < 0 or not 0 < top_p <= 1 or n < 1:
+        raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, n >= 1 (got {temperature}, {top_p}, {n})")
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    vocab = tokenizer.get_vocab()
+    drop = set(tokenizer.all_special_ids) - {vocab[t] for t in THINK_TAGS if t in vocab}
+    sample = temperature > 0
+    # top_k=0: sampling is from the full (top_p-truncated) distribution, as in vLLM; HF would default to 50.
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+                               top_p=top_p if sample else None, top_k=0 if sample else None, num_beams=1,
+                               eos_token_id=eos, pad_token_id=pad, stop_strings=stop or None)
+
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    greedy_copies = n if not sample else 1  # greedy: decode once, copy
+    rows = [(i, j) for i in range(len(prompts)) for j in range(n // greedy_copies)]
+    rows.sort(key=lambda r: len(encoded[r[0]]))
+    outs: list[list[str]] = [[] for _ in prompts]
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        seqs = [encoded[i] for i, _ in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):  # left padding: every row's last prompt token sits at the same column
+            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                             tokenizer=tokenizer if stop else None)
+        for r, (i, _) in enumerate(chunk):
+            text = _stop_at(_decode_new(tokenizer, out[r, width:].tolist(), set(eos), drop), stop)
+            outs[i].extend([text] * greedy_copies)
+    return outs
+
+
+# ----------------------------------------------------------------------------
+# vLLM (GPU only). UNTESTED ON CPU: no CPU machine here can import vLLM; exercised only on CUDA machines with
+# requirements-gpu.txt installed. Keep this path small.
+
+
+class VLLMGenerator:
+    """vLLM engine over a checkpoint directory of ours; quantization="fp8" converts BF16 weights at load.
+
+    vLLM reads nemotron-nas natively (DeciLMForCausalLM). `replace_with_linear` subblocks are not run by
+    vLLM's nemotron_nas: use the HF path for children that have them.
+    """
+
+    def __init__(self, path: str, quantization: str | None = None, dtype: str = "bfloat16", seed: int = 0,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None):
+        import common  # noqa: F401  (registers nemotron-nas with AutoConfig for in-process config loading)
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.llm = LLM(model=path, quantization=quantization, dtype=dtype, seed=seed,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+
+    def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=128, stop=None, seed=None):
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=stop,
+                                seed=seed, skip_special_tokens=True)
+        # Same tokenization as the HF path: the template is already in the text, no extra BOS.
+        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        return [[c.text for c in o.outputs] for o in outs]
+
+
+def load_generator(path: str, dtype=torch.bfloat16, quantization: str | None = None, backend: str = "auto"):
+    """(generator, tokenizer): a VLLMGenerator when backend is "vllm", or "auto" on CUDA with vLLM importable;
+    otherwise our checkpoint as an HF model on the available device. Pass the result to `generate`."""
+    from common.checkpoint import load_checkpoint
+
+    if backend not in ("auto", "vllm", "hf"):
+        raise ValueError(f"backend={backend!r}; use auto, vllm or hf")
+    if backend != "hf" and torch.cuda.is_available():
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            if backend == "vllm":
+                raise ImportError("backend='vllm' needs vLLM: pip install -r requirements-gpu.txt") from None
+        else:
+            gen = VLLMGenerator(path, quantization=quantization, dtype=str(dtype).removeprefix("torch."))
+            return gen, gen.tokenizer
+    elif backend == "vllm":
+        raise RuntimeError("backend='vllm' needs a CUDA device; use backend='hf' on CPU")
+    return load_checkpoint(path, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,179 @@
+"""Puzzle's block library, shared by 01_bld.py (builds and scores it) and 02_mip_select.py (searches it).
+
+A variant is one way to fill one subblock of one layer (Puzzle §3): attention {parent GQA, fewer KV heads,
+linear, no_op} and FFN {parent width, narrower widths (multiples of 256), linear, no_op}. On disk:
+
+    library/library.json                          parent, variants (config, params, BLD loss curve), BLD stats
+    library/variants/L003.ffn.w1024.safetensors   the trained subblock (its norm + module, DecoderLayer key names)
+    library/variants/init/L003.ffn.w1024...       the same variant as initialized from the parent (no BLD)
+    library/scores.json                           replace-one-block KL / LM loss / top-1 agreement per variant
+
+Parent variants are not stored: they are the parent checkpoint's own weights.
+"""
+
+import copy
+import os
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from common.model import (AttentionConfig, FFNConfig, DeciRMSNorm, build_attention, build_ffn,
+                          ffn_mult_to_intermediate_size, intermediate_size_to_ffn_mult)
+
+SUBBLOCKS = ("attention", "ffn")
+# DecoderLayer attribute names (NVIDIA's weight names) per subblock: (module, its norm)
+MODULE_NAMES = {"attention": ("self_attn", "input_layernorm"), "ffn": ("mlp", "post_attention_layernorm")}
+
+# ----------------------------------------------------------------------------
+# Variant specs
+
+
+def parent_variant_name(config, subblock: str) -> str:
+    b = config.block_configs[0]
+    if subblock == "attention":
+        return f"kv{config.num_attention_heads // b.attention.n_heads_in_group}"
+    return f"w{ffn_mult_to_intermediate_size(b.ffn.ffn_mult, config.hidden_size)}"
+
+
+def attention_variants(config, kv_heads, linear=True, no_op=True) -> list:
+    """[{name, config, parent}] for the attention subblock: parent GQA, each fewer-KV-head count, linear, no_op."""
+    H = config.num_attention_heads
+    parent_kv = H // config.block_configs[0].attention.n_heads_in_group
+    out = [{"name": f"kv{parent_kv}", "config": AttentionConfig(n_heads_in_group=H // parent_kv), "parent": True}]
+    for kv in sorted(set(kv_heads), reverse=True):
+        if kv >= parent_kv or H % kv or parent_kv % kv:
+            raise ValueError(f"--kv-heads {kv}: must be fewer than the parent's {parent_kv} KV heads and divide both "
+                             f"{H} query heads and {parent_kv} (mean-pooled groups); valid: "
+                             f"{[d for d in range(1, parent_kv) if parent_kv % d == 0 and H % d == 0]}")
+        out.append({"name": f"kv{kv}", "config": AttentionConfig(n_heads_in_group=H // kv), "parent": False})
+    if linear:
+        out.append({"name": "linear", "config": AttentionConfig(replace_with_linear=True), "parent": False})
+    if no_op:
+        out.append({"name": "no_op", "config": AttentionConfig(no_op=True), "parent": False})
+    return out
+
+
+def ffn_variants(config, widths, linear=True, no_op=True) -> list:
+    """[{name, config, parent}] for the FFN subblock: parent width, narrower widths (ffn_mult-expressible), linear, no_op."""
+    h = config.hidden_size
+    parent_w = ffn_mult_to_intermediate_size(config.block_configs[0].ffn.ffn_mult, h)
+    out = [{"name": f"w{parent_w}", "config": FFNConfig(ffn_mult=config.block_configs[0].ffn.ffn_mult), "parent": True}]
+    for w in sorted(set(widths), reverse=True):
+        if w >= parent_w:
+            raise ValueError(f"--ffn-widths {w}: must be narrower than the parent's FFN width {parent_w}")
+        out.append({"name": f"w{w}", "config": FFNConfig(ffn_mult=intermediate_size_to_ffn_mult(w, h)), "parent": False})
+    if linear:
+        out.append({"name": "linear", "config": FFNConfig(replace_with_linear=True), "parent": False})
+    if no_op:
+        out.append({"name": "no_op", "config": FFNConfig(no_op=True), "parent": False})
+    return out
+
+
+def variant_config_from_dict(subblock: str, d: dict):
+    return AttentionConfig(**d) if subblock == "attention" else FFNConfig(**d)
+
+
+def is_no_op(cfg) -> bool:
+    return bool(cfg.no_op)
+
+
+def subblock_params(config, subblock: str, cfg) -> int:
+    """Parameters of one subblock variant, its RMSNorm included (no_op: 0). Matches num_params of the built module."""
+    if cfg.no_op:
+        return 0
+    h = config.hidden_size
+    if cfg.replace_with_linear:
+        return h * h + h
+    if subblock == "attention":
+        d, H = config.head_dim, config.num_attention_heads
+        kv = H // cfg.n_heads_in_group
+        return 2 * h * H * d + 2 * h * kv * d + h
+    return 3 * h * ffn_mult_to_intermediate_size(cfg.ffn_mult, h) + h
+
+
+def variant_key(layer: int, subblock: str, name: str) -> str:
+    return f"L{layer:03d}-{subblock}-{name}"
+
+
+# ----------------------------------------------------------------------------
+# A subblock as a standalone module (what BLD trains) and swapping it into a model
+
+
+class Subblock(nn.Module):
+    """One subblock variant with its norm, under DecoderLayer's attribute names so state dicts are interchangeable.
+
+    forward(x, rope) is the residual contribution: attn(norm(x)) or ffn(norm(x)); a no_op contributes zero.
+    """
+
+    def __init__(self, config, layer_idx: int, subblock: str, cfg):
+        super().__init__()
+        self.subblock, self.cfg = subblock, cfg
+        mod_name, norm_name = MODULE_NAMES[subblock]
+        module = build_attention(config, layer_idx, cfg) if subblock == "attention" else build_ffn(config, cfg)
+        if module is not None:
+            setattr(self, norm_name, DeciRMSNorm(config.hidden_size, config.rms_norm_eps))
+            setattr(self, mod_name, module)
+
+    def forward(self, x, rope=None):
+        mod_name, norm_name = MODULE_NAMES[self.subblock]
+        if not hasattr(self, mod_name):
+            return torch.zeros_like(x)
+        y = getattr(self, norm_name)(x)
+        return getattr(self, mod_name)(y, rope) if self.subblock == "attention" else getattr(self, mod_name)(y)
+
+
+def parent_subblock_state(layer_module, subblock: str) -> dict:
+    """The parent layer's state dict restricted to one subblock (module + norm), DecoderLayer key names."""
+    names = MODULE_NAMES[subblock]
+    return {k: v for k, v in layer_module.state_dict().items() if k.split(".")[0] in names}
+
+
+def set_subblock(model, layer_idx: int, subblock: str, cfg, state: dict | None):
+    """Put variant `cfg` (weights `state`) into layer `layer_idx` of `model` in place; returns an undo function.
+
+    Updates model.config.block_configs too, so save_pretrained writes the child's config.
+    """
+    layer = model.model.layers[layer_idx]
+    mod_name, norm_name = MODULE_NAMES[subblock]
+    block = model.config.block_configs[layer_idx]
+    old = (getattr(layer, mod_name), layer._modules.get(norm_name), copy.deepcopy(getattr(block, subblock)))
+
+    def put(module, norm, c):
+        setattr(layer, mod_name, module)  # None for a no_op: DecoderLayer skips it
+        if norm is None:
+            layer._modules.pop(norm_name, None)
+        else:
+            setattr(layer, norm_name, norm)
+        setattr(block, subblock, c)
+
+    if cfg.no_op:
+        put(None, None, cfg)
+    else:
+        sb = Subblock(model.config, layer_idx, subblock, cfg)
+        ref = next(model.parameters())
+        sb = sb.to(dtype=ref.dtype, device=ref.device)
+        if state is not None:
+            sb.load_state_dict(state)
+        put(getattr(sb, mod_name), getattr(sb, norm_name), cfg)
+    return lambda: put(*old)
+
+
+# ----------------------------------------------------------------------------
+# Library on disk
+
+
+def variant_path(library_dir: str, key: str, init: bool = False) -> str:
+    return os.path.join(library_dir, "variants", "init" if init else "", f"{key}.safetensors")
+
+
+def load_variant_state(library_dir: str, entry: dict, parent_model=None, init: bool = False) -> dict | None:
+    """Weights of one library entry; parent variants come from the parent model itself, no_op has none."""
+    if entry["config"].get("no_op"):
+        return None
+    if entry["parent"]:
+        return parent_subblock_state(parent_model.model.layers[entry["layer"]], entry["subblock"])
+    path = variant_path(library_dir, entry["key"], init)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"library variant {path} is missing; rerun 01_bld.py into a fresh --out")
+    return load_file(path)

@@ -1,0 +1,1 @@
+"""Synthetic post-training data in the Llama-Nemotron record format (see data_gen/build.py)."""

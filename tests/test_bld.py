@@ -1,0 +1,142 @@
+"""01_bld.py on a tiny random parent: BLD lowers every trained variant's loss, no_op scores worse than the parent
+block, two gloo ranks build the same library as one, --resume continues where a crash stopped."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_model, tiny_tokenizer
+from safetensors.torch import load_file
+
+from common.checkpoint import save_checkpoint
+from common.model import parent_block
+from common.puzzle import variant_key
+
+spec = importlib.util.spec_from_file_location("bld", os.path.join(ROOT, "01_bld.py"))
+bld = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bld)
+
+
+def make_parent(root) -> str:
+    """A tiny parent (4 layers, hidden 64, 4 heads / 2 KV heads, FFN 512) with a tokenizer, and a text file."""
+    path = os.path.join(root, "parent")
+    if not os.path.exists(path):
+        model = tiny_model(blocks=[parent_block(2, 12.0) for _ in range(4)])  # 12 * 64 * 2 / 3 = 512
+        save_checkpoint(model, tiny_tokenizer(), path, stage="parent")
+    text = os.path.join(root, "text.txt")
+    if not os.path.exists(text):
+        from data_gen.text import distill_documents
+        docs = [d.replace("\n", " ") for d in distill_documents("train")[:40]]
+        with open(text, "w") as f:
+            f.write("\n".join(docs) + "\n")
+    return path
+
+
+def bld_argv(root, out, **over):
+    flags = {"--parent": os.path.join(root, "parent"), "--out": out, "--data": os.path.join(root, "text.txt"),
+             "--num-seqs": 64, "--seq-len": 32, "--batch-size": 4, "--epochs": 2, "--lr": 1e-3, "--val-seqs": 4,
+             "--score-seqs": 2, "--score-seq-len": 32, "--dtype": "float32", "--threads": 1, "--calib-seqs": 4,
+             "--linear-init": "weights", "--save-every": -1, "--wandb-mode": "disabled"}
+    flags.update(over)
+    return [str(a) for kv in flags.items() for a in kv]
+
+
+def build_library(root, name="library", **over) -> str:
+    make_parent(root)
+    out = os.path.join(root, name)
+    if not os.path.exists(out):
+        bld.main(bld_argv(root, out, **over))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("puzzle"))
+    return root, build_library(root)
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_bld_lowers_every_trained_variants_loss(lib):
+    _, out = lib
+    library = read(os.path.join(out, "library.json"))
+    trained = [e for e in library["variants"] if "val_loss_bld" in e]
+    assert len(trained) == 4 * (2 + 2)  # per layer: attention kv1, linear; FFN w256, linear
+    for e in trained:
+        assert e["val_loss_bld"] < e["val_loss_init"], e["key"]
+        assert len(e["loss_curve"]) == library["bld"]["steps"] == 32  # 64 seqs / batch 4 x 2 epochs
+    assert library["bld"]["parent_forwards_per_batch"] == 1
+    assert os.path.exists(os.path.join(out, "variants", "init", trained[0]["key"] + ".safetensors"))
+
+
+def test_no_op_scores_worse_than_parent_block(lib):
+    _, out = lib
+    scores = read(os.path.join(out, "scores.json"))["variants"]
+    for layer in range(4):
+        for sub, parent_name in (("attention", "kv2"), ("ffn", "w512")):
+            noop, par = scores[variant_key(layer, sub, "no_op")], scores[variant_key(layer, sub, parent_name)]
+            assert noop["kl"] > par["kl"] == 0.0
+            assert noop["top1_agreement"] < 1.0 == par["top1_agreement"]
+
+
+def test_refuses_to_overwrite_finished_library(lib):
+    root, out = lib
+    with pytest.raises(SystemExit) as e:
+        bld.main(bld_argv(root, out))
+    assert e.value.code != 0
+
+
+def same_library(a, b, atol=1e-5):
+    la, lb = read(os.path.join(a, "library.json")), read(os.path.join(b, "library.json"))
+    assert [e["key"] for e in la["variants"]] == [e["key"] for e in lb["variants"]]
+    for ea, eb in zip(la["variants"], lb["variants"]):
+        if "val_loss_bld" in ea:
+            assert ea["val_loss_bld"] == pytest.approx(eb["val_loss_bld"], rel=1e-4, abs=1e-6)
+            wa = load_file(os.path.join(a, "variants", ea["key"] + ".safetensors"))
+            wb = load_file(os.path.join(b, "variants", eb["key"] + ".safetensors"))
+            for k in wa:
+                torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4)
+    sa, sb = read(os.path.join(a, "scores.json"))["variants"], read(os.path.join(b, "scores.json"))["variants"]
+    for k in sa:
+        assert sa[k]["kl"] == pytest.approx(sb[k]["kl"], rel=1e-3, abs=1e-6)
+
+
+def test_bld_two_gloo_ranks_match_one_rank(lib):
+    root, out = lib
+    out2 = os.path.join(root, "library_2ranks")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "01_bld.py")] + bld_argv(root, out2)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read(os.path.join(out2, "library.json"))["bld"]["world_size"] == 2
+    same_library(out, out2)
+
+
+def test_resume_continues_where_it_stopped(lib, monkeypatch):
+    root, out = lib
+    out2 = os.path.join(root, "library_resumed")
+    real_step, calls = bld.bld_step, {"n": 0}
+
+    def crashing_step(*a, train=True, **kw):
+        if train:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise RuntimeError("simulated crash")
+        return real_step(*a, train=train, **kw)
+
+    monkeypatch.setattr(bld, "bld_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        bld.main(bld_argv(root, out2, **{"--save-every": 3}))
+    assert not os.path.exists(out2) and os.path.isdir(out2 + ".state")
+    monkeypatch.setattr(bld, "bld_step", real_step)
+    bld.main(bld_argv(root, out2, **{"--save-every": 3}) + ["--resume"])
+    assert not os.path.exists(out2 + ".state")
+    same_library(out, out2)

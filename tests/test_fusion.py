@@ -1,0 +1,136 @@
+"""03_ffn_fusion.py: fusion equals the parallel sum, groups from the dependency map, the fused checkpoint."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from conftest import ROOT, tiny_model
+
+from common.model import AttentionConfig, BlockConfig, DeciLMForCausalLM, FFNConfig
+
+spec = importlib.util.spec_from_file_location("ffn_fusion", os.path.join(ROOT, "03_ffn_fusion.py"))
+ffn_fusion = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ffn_fusion)
+
+
+def hand_made_child(parent: DeciLMForCausalLM, no_attention: list[int], ffn_mults: dict | None = None):
+    """The parent with attention removed in some layers; FFNs given another width keep their random init."""
+    cfg = parent.config.to_dict()
+    blocks = [b.to_dict() for b in parent.config.block_configs]
+    for i in no_attention:
+        blocks[i]["attention"] = {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
+    for i, m in (ffn_mults or {}).items():
+        blocks[i]["ffn"]["ffn_mult"] = m
+    cfg["block_configs"] = blocks
+    child = DeciLMForCausalLM(type(parent.config).from_dict(cfg))
+    sd = parent.state_dict()
+    own = child.state_dict()
+    child.load_state_dict({k: sd[k] if sd[k].shape == v.shape else v for k, v in own.items()})
+    return child.eval()
+
+
+def randomize_norms(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "layernorm" in n:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+
+
+def test_fused_block_equals_parallel_sum():
+    child = hand_made_child(tiny_model(num_layers=6), [1, 2, 3, 4], ffn_mults={2: 12.0})  # widths 256, 512, 256, 256
+    randomize_norms(child)
+    fused, layer_map = ffn_fusion.fuse_ffn_blocks(child, [[1, 2, 3, 4]])
+    assert fused.config.num_hidden_layers == 3 and layer_map == [0, 4, 5]
+    b = fused.config.block_configs[1]
+    assert b.attention.no_op and fused.config.intermediate_size(1) == 256 * 5
+    assert torch.equal(fused.model.layers[1].post_attention_layernorm.weight, torch.ones(64))
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        parallel = x + sum(child.model.layers[i].ffn_delta(x) for i in (1, 2, 3, 4))
+        out = fused.model.layers[1](x)
+    assert (out - parallel).abs().max().item() < 1e-5 * parallel.abs().max().item()
+    # untouched layers are copied exactly
+    assert torch.equal(fused.model.layers[2].mlp.up_proj.weight, child.model.layers[5].mlp.up_proj.weight)
+
+
+def test_attention_free_runs_and_depth():
+    child = hand_made_child(tiny_model(num_layers=7), [1, 2, 4, 5, 6])
+    assert ffn_fusion.attention_free_runs(child.config) == [[1, 2], [4, 5, 6]]
+    assert ffn_fusion.sequential_depth(child.config) == 7 + 2
+
+
+def test_merge_path_follows_dependency_map():
+    dep = torch.zeros(5, 5)
+    dep[0, 1], dep[1, 2], dep[0, 2], dep[2, 3], dep[1, 3], dep[0, 3] = 0.5, 0.1, 0.2, 0.05, 0.3, 0.6
+    path = ffn_fusion.merge_path([[0, 1, 2, 3]], dep)
+    assert [g for _, g in path] == [[[2, 3]], [[1, 2, 3]], [[0, 1, 2, 3]]]  # cheapest pair first
+    assert [round(c, 3) for c, _ in path] == [0.05, 0.3, 0.6]
+    assert ffn_fusion.ffn_fusion_groups(path, 10, threshold=0.35) == (2, [[1, 2, 3]])
+    assert ffn_fusion.ffn_fusion_groups(path, 10, target_depth=9) == (1, [[2, 3]])
+    assert ffn_fusion.ffn_fusion_groups(path, 10) == (3, [[0, 1, 2, 3]])
+    assert ffn_fusion.merge_path([[0, 1, 2, 3]], dep, max_group_size=2)[-1][1] == [[0, 1], [2, 3]]
+
+
+def test_dependency_map_is_zero_for_independent_blocks():
+    child = hand_made_child(tiny_model(num_layers=4), [1, 2])
+    with torch.no_grad():  # block 1 contributes nothing: removing it cannot change block 2
+        child.model.layers[1].mlp.down_proj.weight.zero_()
+    dep = ffn_fusion.dependency_map(child, torch.randint(3, 512, (2, 16)))
+    assert dep.shape == (4, 4) and dep[1, 2].item() < 1e-6 and dep[0, 1].item() > 1e-4
+    assert torch.all(torch.tril(dep) == 0)
+
+
+def test_fused_model_logits_match_parallel_reference():
+    """Whole model: the fused checkpoint computes exactly the parallel form of its groups."""
+    child = hand_made_child(tiny_model(num_layers=5), [1, 2, 3])
+    randomize_norms(child)
+    fused, _ = ffn_fusion.fuse_ffn_blocks(child, [[1, 2, 3]])
+    ids = torch.randint(3, 512, (2, 11))
+    with torch.no_grad():
+        m = child.model
+        x = m.embed_tokens(ids)
+        rope = m.rotary_emb(x, torch.arange(11)[None].expand(2, -1))
+        x = m.layers[0](x, rope)
+        x = x + sum(m.layers[i].ffn_delta(x) for i in (1, 2, 3))
+        x = m.layers[4](x, rope)
+        ref = child.lm_head(m.norm(x))
+        diff = (fused(ids).logits - ref).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_fused_checkpoint_reloads_generates_and_has_the_depth_fusion_json_says(tmp_path):
+    from conftest import tiny_tokenizer
+
+    from common.checkpoint import load_checkpoint, read_json, save_checkpoint
+    tok = tiny_tokenizer()
+    parent = tiny_model(num_layers=6)
+    save_checkpoint(parent, tok, str(tmp_path / "parent"), stage="parent")
+    save_checkpoint(hand_made_child(parent, [1, 2, 3, 5]), tok, str(tmp_path / "child"), stage="child",
+                    meta={"parent": str(tmp_path / "parent")})
+    args = ["--child", str(tmp_path / "child"), "--out", str(tmp_path / "fused"), "--calib-tokens", "64",
+            "--seq-len", "32", "--eval-tokens", "128", "--levels", "3", "--speed-new-tokens", "3",
+            "--speed-prefill", "2x16", "--wandb-mode", "disabled", "--threads", "1"]
+    metrics = ffn_fusion.main(args)
+    fusion = read_json(str(tmp_path / "fused" / "fusion.json"))
+    assert fusion["runs"] == [[1, 2, 3]] and fusion["groups"] == [[1, 2, 3]]  # default: fuse whole runs
+    assert fusion["depth_before"] == 6 + 2 and fusion["depth_after"] == 6 + 2 - 2
+    assert os.path.isfile(tmp_path / "fused" / "dependency_map.png")
+    assert metrics["speed"]["decode_speedup_b1"] > 0 and len(metrics["levels"]) == 3
+    fused, _ = load_checkpoint(str(tmp_path / "fused"))
+    assert fused.config.num_hidden_layers == 4
+    calls = []  # measured sequential depth: subblock modules executed in one forward
+    for layer in fused.model.layers:
+        for mod in (layer.self_attn, layer.mlp):
+            if mod is not None:
+                mod.register_forward_hook(lambda *a: calls.append(1))
+    ids = tok("The assignment statement", return_tensors="pt").input_ids
+    with torch.no_grad():
+        fused(ids)
+        assert len(calls) == fusion["depth_after"] == metrics["depth_after"]
+        out = fused.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=2)
+    assert out.shape[1] == ids.shape[1] + 5
+    with pytest.raises(SystemExit, match="already a finished checkpoint"):
+        ffn_fusion.main(args)
