@@ -54,7 +54,9 @@ def build_parser():
     p.add_argument("--target-depth", type=int, default=-1, help="merge until this many sequential subblocks remain (-1 = off)")
     p.add_argument("--max-group-size", type=int, default=-1, help="most blocks in one fused FFN (-1 = no limit)")
     # data
-    p.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens for the dependency map")
+    p.add_argument("--map-all", action="store_true", help="dependency map over every layer (L^2/2 block forwards), "
+                   "not only the attention-free runs")
+    p.add_argument("--calib-tokens", type=int, default=512, help="calibration tokens for the dependency map")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for KL / next-token accuracy")
     p.add_argument("--levels", type=int, default=4, help="fusion levels in the quality table (merge-path points)")
@@ -99,9 +101,9 @@ def sequential_depth(config: DeciLMConfig) -> int:
 
 
 @torch.no_grad()
-def dependency_map(model, ids: torch.Tensor) -> torch.Tensor:
-    """dep[i, j] (i < j): cosine distance between block j's contribution and the same with block i's removed
-    from j's input, averaged over calibration tokens. Covers every layer (the heat-map); fusion reads its runs."""
+def dependency_map(model, ids: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
+    """dep[i, j] (i < j, both in `layers`, default all): cosine distance between block j's contribution and the
+    same with block i's removed from j's input, averaged over calibration tokens. Other entries stay 0."""
     m = model.model
     hs = m(ids, use_cache=False, output_hidden_states=True)[2]  # hs[k] = input of layer k
     pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
@@ -109,8 +111,9 @@ def dependency_map(model, ids: torch.Tensor) -> torch.Tensor:
     L = len(m.layers)
     contrib = [(hs[k + 1] - hs[k]).float() for k in range(L)]
     dep = torch.zeros(L, L)
-    for j in range(L):
-        for i in range(j):
+    layers = sorted(layers) if layers is not None else list(range(L))
+    for j in layers:
+        for i in (i for i in layers if i < j):
             x = hs[j] - contrib[i].to(hs[j].dtype)
             c = (m.layers[j](x, rope) - x).float()
             cos = torch.nn.functional.cosine_similarity(c, contrib[j], dim=-1)
@@ -219,7 +222,7 @@ def plot_dependency_map(dep: torch.Tensor, runs, fused_groups, path: str, title:
     import matplotlib.pyplot as plt
     L = dep.shape[0]
     masked = dep.clone()
-    masked[torch.tril(torch.ones(L, L, dtype=torch.bool))] = float("nan")
+    masked[torch.tril(torch.ones(L, L, dtype=torch.bool)) | (dep == 0)] = float("nan")  # not measured
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     im = ax.imshow(masked.T.numpy(), cmap="viridis", origin="upper")  # row j (dependent), column i (removed)
     for g in fused_groups:  # outline fused groups
@@ -289,7 +292,7 @@ def main(argv=None):
     n_rows = max(1, math.ceil(args.calib_tokens / args.seq_len))
     calib = torch.as_tensor(chunks[:n_rows]).to(args.device)
     with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-        dep = dependency_map(child, calib)
+        dep = dependency_map(child, calib, None if args.map_all else [i for r in runs for i in r])
     path = merge_path(runs, dep, args.max_group_size)
     n_merges, groups = ffn_fusion_groups(path, depth_before, args.threshold, args.target_depth)
     print(f"dependency map on {calib.numel()} tokens in {time.time() - t0:.1f}s; merge path of {len(path)} merges, "

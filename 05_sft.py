@@ -195,8 +195,8 @@ for s in range(start["stage"], 3):
             print0(f"stage {s + 1} step {step + 1}/{steps} loss {loss_sum:.4f} lr {lr:.2e} "
                    f"{tokens_seen / (time.time() - t0):.0f} tok/s")
         if rank == 0 and args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < steps:
-            save_train_state(os.path.join(state_dir, f"step-{start['global_step']:06d}"), 0, raw_model, optimizer,
-                             stage=s, step=step + 1, global_step=start["global_step"],
+            save_train_state(os.path.join(state_dir, f"step-{start['global_step']:06d}"), step + 1, raw_model, optimizer,
+                             stage=s, global_step=start["global_step"],
                              before_eval_json=json.dumps(before))
 
 # ----------------------------------------------------------------------------
@@ -223,6 +223,6 @@ if rank == 0:
     for mode in ("on", "off"):
         for k in ("accuracy", "format_compliance", "mean_response_tokens"):
             b, a = metrics.get(f"before_{mode}_{k}"), metrics.get(f"after_{mode}_{k}")
-            print0(f"| {mode} | {k} | {b if b is None else round(b, 3):>8} | {a if a is None else round(a, 3):>8} |")
+            print0(f"| {mode} | {k} | {str(b if b is None else round(b, 3)):>8} | {str(a if a is None else round(a, 3)):>8} |")
 wandb_run.finish()
 compute_cleanup()

@@ -1,13 +1,19 @@
-"""The embedded evaluation suite: every checkpoint measured the same way, against the parent.
+"""The embedded evaluation suite: every checkpoint measured the same way, with retention against the parent.
 
-  text    held-out real text (data_gen.text, disjoint from BLD/KD training text): LM loss, next-token
-          accuracy, KL(parent || model), top-1 agreement with the parent
-  gen     held-out math problems with "detailed thinking on" and "off": accuracy, format compliance
-          (<think>...</think> present when on, absent when off), mean response length
-  speed   prefill tok/s and decode tok/s at batch 1 and a full batch, memory; model and parent measured
-          in the same run, interleaved, reported as ratios
+    python -m common.evaluate --model runs/smol/parent --parent runs/smol/parent --stage parent --run-dir runs/smol
+    python -m common.evaluate --model runs/smol/sft --parent runs/smol/parent --stage sft --run-dir runs/smol
+    python -m common.evaluate ... --quick                       # tiny sizes: smoke runs and tests
 
-    python -m common.evaluate --model runs/smol/child --parent runs/smol/parent --stage child --run-dir runs/smol
+Three suites (DESIGN.md "Evaluation: the embedded suite"), each a public function stages call directly:
+  text   TextEval: held-out stdlib prose (data_gen.text, disjoint from the distillation mix); LM loss,
+         next-token accuracy, KL(parent || model) per token, top-1 agreement with the parent. The parent's
+         full-vocab log-probs are computed once and cached, so scoring a variant costs one forward of it.
+  gen    generation_eval: held-out math (data_gen.math_problems.eval_problems) with "detailed thinking on" and
+         "off": accuracy, format compliance (think block when on, no think tags when off), response length;
+         plus instruction following (data_gen.instructions, verifiers in common.rewards), reasoning off.
+  speed  speed_eval: prefill and decode tok/s at batch 1 and a full batch, peak memory; model and parent in
+         the same run, interleaved, medians, reported as ratios model / parent.
+Writes runs/<name>/metrics/<stage>.json and prints a table.
 """
 
 import argparse
@@ -20,229 +26,409 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import CheckpointError, load_checkpoint, read_json, write_metrics
-from common.data import build_messages, render_prompt, text_chunks
-from common.fp8 import kv_cache_bytes
 from common.generate import generate
-from common.rewards import answer_correct, format_correct
-
-MULTI_STEP_LEVEL = 4  # data_gen.math_problems: levels 4-5 are multi-step word problems
 
 # ----------------------------------------------------------------------------
-# Held-out text
+# Precision
+
+
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bf16 where bf16 matmuls are fast (CUDA; CPUs with avx512_bf16 / AMX), float32 elsewhere.
+
+    On an AVX2-only CPU torch runs bf16 matmuls ~7x slower than float32 (measured here: 16 vs 120 GFLOP/s),
+    so bf16 would make every CPU evaluation slower, not faster.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------
+# Held-out text: LM loss, next-token accuracy, KL(parent || model), top-1 agreement
 
 
 class TextEval:
-    """Runs the parent once over fixed held-out chunks and caches its log-probs (bf16); then each call
-    scores a model against them with no further parent forward (stage 01 scores hundreds of variants)."""
+    """Fixed held-out token chunks and the parent's next-token distributions on them, computed once.
+
+    The cache holds the parent's full-vocab log-probs in float16 (log-probs lie in [-~100, 0], where float16
+    is 8x finer than bf16 at the same 2 bytes): num_seqs x seq_len x vocab x 2 bytes (32 x 256 x 49152: 0.8 GB),
+    kept on the CPU and moved per batch. KL is computed between the two renormalized float16-rounded
+    distributions, so it is >= 0 and exactly 0 for a model identical to the parent (same dtype).
+    `max_tokens` (instead of num_seqs) is accepted: num_seqs = max_tokens // seq_len.
+    """
 
     def __init__(self, parent, tokenizer, seq_len: int = 256, num_seqs: int = 32, batch_size: int = 8,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, documents: list[str] | None = None):
+        from common.data import text_chunks
         from data_gen.text import distill_documents
 
-        if max_tokens:
+        if max_tokens is not None:
             num_seqs = max(1, max_tokens // seq_len)
-        self.batch_size = batch_size
-        self.chunks = text_chunks(tokenizer, distill_documents("heldout"), seq_len)[:num_seqs]
-        self.parent_logp = [lp.to(torch.bfloat16) for lp in self._logprobs(parent)]
-        self.parent = self(None)
+        chunks = text_chunks(tokenizer, distill_documents("heldout") if documents is None else documents, seq_len)
+        if num_seqs > len(chunks):
+            print(f"TextEval: only {len(chunks)} held-out chunks of {seq_len} tokens; using all of them")
+            num_seqs = len(chunks)
+        # evenly spaced over the held-out set, so both pydoc topics and module docstrings are in it
+        idx = torch.linspace(0, len(chunks) - 1, num_seqs).round().long().unique()
+        self.ids = chunks[idx]
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.dtype = next(parent.parameters()).dtype
+        gib = self.ids.numel() * parent.config.vocab_size * 2 / 2**30
+        if gib > 8:
+            print(f"TextEval: the parent cache takes {gib:.1f} GiB of CPU memory; lower num_seqs / max_tokens")
+        self.parent_logp = torch.empty(*self.ids.shape, parent.config.vocab_size, dtype=torch.float16)
+        self.parent_top1 = torch.empty(self.ids.shape, dtype=torch.long)
+        t = time.perf_counter()
+        stats = self._run(parent, cache=True)
+        self.parent_metrics = {**stats, "kl_parent": 0.0, "top1_agreement": 1.0}
+        self.parent_seconds = time.perf_counter() - t
 
-    def _batches(self, device):
-        for i in range(0, len(self.chunks), self.batch_size):
-            yield self.chunks[i:i + self.batch_size].to(device)
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.numel()
 
     @torch.inference_mode()
-    def _logprobs(self, model):
-        device = next(model.parameters()).device
-        for ids in self._batches(device):
-            yield F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1).cpu()
+    def _run(self, model, cache: bool) -> dict:
+        device = _device(model)
+        n_tgt = self.ids.shape[0] * (self.ids.shape[1] - 1)
+        loss = correct = kl = agree = 0.0
+        for s in range(0, len(self.ids), self.batch_size):
+            ids = self.ids[s:s + self.batch_size]
+            logits = model(ids.to(device), use_cache=False).logits
+            for r in range(ids.shape[0]):  # one row at a time: (T, vocab) float32 temporaries stay small
+                row = logits[r].float()
+                logq = row.log_softmax(-1)
+                tgt = ids[r, 1:].to(device)
+                loss += -logq[:-1].gather(-1, tgt[:, None]).sum().item()
+                correct += (row[:-1].argmax(-1) == tgt).sum().item()
+                top1 = row.argmax(-1).cpu()
+                lq16 = logq.clamp_min(-6e4).half()
+                if cache:
+                    self.parent_logp[s + r], self.parent_top1[s + r] = lq16.cpu(), top1
+                    continue
+                lp = self.parent_logp[s + r].to(device).float()
+                lp = lp - lp.logsumexp(-1, keepdim=True)
+                lq = lq16.float()
+                lq = lq - lq.logsumexp(-1, keepdim=True)
+                kl += (lp.exp() * (lp - lq)).sum().item()
+                agree += (top1 == self.parent_top1[s + r]).sum().item()
+        out = {"lm_loss": loss / n_tgt, "next_token_acc": correct / n_tgt}
+        if not cache:
+            out |= {"kl_parent": kl / self.ids.numel(), "top1_agreement": agree / self.ids.numel()}
+        return out
 
-    @torch.inference_mode()
     def __call__(self, model) -> dict:
-        """dict(lm_loss, next_token_acc, kl_parent, top1_agreement); model=None scores the parent itself."""
-        was_training = model.training if model is not None else False
-        if model is not None:
-            model.eval()
-        logps = (lp.float() for lp in self.parent_logp) if model is None else self._logprobs(model)
-        tot = dict(lm_loss=0.0, next_token_acc=0.0, kl_parent=0.0, top1_agreement=0.0)
-        n_tok = n_next = 0
-        for ids, logq, logp in zip(self._batches("cpu"), logps, self.parent_logp):
-            logp = logp.float()
-            nxt = ids[:, 1:]
-            tot["lm_loss"] += F.nll_loss(logq[:, :-1].flatten(0, 1), nxt.flatten(), reduction="sum").item()
-            tot["next_token_acc"] += (logq[:, :-1].argmax(-1) == nxt).sum().item()
-            tot["kl_parent"] += (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).sum().item()
-            tot["top1_agreement"] += (logq.argmax(-1) == logp.argmax(-1)).sum().item()
-            n_tok += ids.numel()
-            n_next += nxt.numel()
-        if model is not None:
-            model.train(was_training)
-        return {"lm_loss": tot["lm_loss"] / n_next, "next_token_acc": tot["next_token_acc"] / n_next,
-                "kl_parent": tot["kl_parent"] / n_tok, "top1_agreement": tot["top1_agreement"] / n_tok}
+        """lm_loss, next_token_acc (over seq_len-1 targets per chunk), kl_parent (mean per token), top1_agreement."""
+        return self._run(model, cache=False)
 
 
 # ----------------------------------------------------------------------------
-# Generation: reasoning on / off
+# Generation: accuracy with the reasoning toggle, format compliance, instruction following
 
 
-def generation_eval(model, tokenizer, problems, reasoning: bool, max_new_tokens: int = 160, batch_size: int = 16,
-                    num_samples: int = 4) -> dict:
-    """Greedy answers to held-out problems under "detailed thinking on/off" (REFERENCE.md: off is greedy)."""
-    prompts = [render_prompt(tokenizer, build_messages(p["question"], reasoning)) for p in problems]
+def problem_text(p: dict) -> str:
+    for k in ("input", "prompt", "question"):
+        if isinstance(p.get(k), str):
+            return p[k]
+    raise ValueError(f"problem {p.get('id', '?')} has none of input / prompt / question")
+
+
+def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max_new_tokens: int = 256,
+                    batch_size: int = 16, num_samples: int = 3) -> dict:
+    """Greedy answers under "detailed thinking on"/"off". A problem with `constraints` is scored by the
+    instruction-following verifiers (correct = all satisfied); otherwise `answer` is checked on the answer part
+    (after </think>). format_compliance: think block first when on, no think tags when off."""
+    from common.data import build_messages, render_prompt
+    from common.rewards import answer_correct, format_correct, instruction_following_score, strip_think
+
+    if not problems:
+        return {"n": 0}
+    prompts = [render_prompt(tokenizer, build_messages(problem_text(p), reasoning)) for p in problems]
     outs = [o[0] for o in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
-    correct = [answer_correct(o, p["answer"]) for o, p in zip(outs, problems)]
-    fmt = [format_correct(o, reasoning) for o in outs]
-    lengths = [len(tokenizer(o, add_special_tokens=False).input_ids) for o in outs]
-    multi = [c for c, p in zip(correct, problems) if p.get("difficulty", 0) >= MULTI_STEP_LEVEL]
-    return {"accuracy": sum(correct) / len(problems),
-            "accuracy_multistep": sum(multi) / len(multi) if multi else None,
-            "format_compliance": sum(fmt) / len(problems),
-            "mean_response_tokens": sum(lengths) / len(problems),
-            "samples": [(p["question"], o, c) for p, o, c in list(zip(problems, outs, correct))[:num_samples]]}
+    correct, fmt, lengths, if_scores, samples = [], [], [], [], []
+    for p, text in zip(problems, outs):
+        if p.get("constraints"):
+            score = instruction_following_score(text, p["constraints"])
+            if_scores.append(score)
+            ok = score == 1.0
+        else:
+            ok = answer_correct(strip_think(text), p.get("answer"))
+        correct.append(ok)
+        fmt.append(format_correct(text, reasoning))
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        if len(samples) < num_samples:
+            samples.append({"prompt": problem_text(p), "response": text, "correct": bool(ok)})
+    n = len(problems)
+    out = {"n": n, "accuracy": sum(correct) / n, "format_compliance": sum(fmt) / n,
+           "mean_response_tokens": sum(lengths) / n,
+           "truncated": sum(x >= max_new_tokens for x in lengths) / n}  # re-tokenized: approximate at the limit
+    if if_scores:
+        out["instruction_score"] = sum(if_scores) / len(if_scores)  # loose: fraction of constraints met
+    out["samples"] = samples
+    return out
 
 
 # ----------------------------------------------------------------------------
-# Speed: model and parent in the same run
+# Speed: prefill / decode tok/s and memory, model and parent interleaved
 
 
-def _timed(fn, device):
-    if device.type == "cuda":
+def kv_cache_bytes_per_token(model) -> int:
+    """K and V bytes one token costs across all layers that keep a cache (ours or any HF Llama)."""
+    elem = next(model.parameters()).element_size()
+    return sum((m.k_proj.out_features + m.v_proj.out_features) * elem
+               for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj"))
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():  # tied embeddings counted once
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _timed(fn) -> float:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = time.perf_counter()
     fn()
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
-def _speed_once(model, batch: int, seq_len: int, decode_tokens: int) -> dict:
-    device = next(model.parameters()).device
-    ids = torch.randint(10, model.config.vocab_size - 10, (batch, seq_len), device=device)
-    gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    with torch.inference_mode():
-        t_prefill = _timed(lambda: model(input_ids=ids, use_cache=True), device)
-        t1 = _timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen), device)
-        tn = _timed(lambda: model.generate(ids, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, **gen), device)
-    return {"prefill": batch * seq_len / t_prefill, "decode": batch * (decode_tokens - 1) / max(tn - t1, 1e-9)}
+@torch.inference_mode()
+def speed_eval(model, parent=None, batch_sizes=(1, 16), prompt_len: int = 128, gen_len: int = 32, repeats: int = 3,
+               seed: int = 0, batch_size: int | None = None, seq_len: int | None = None,
+               decode_tokens: int | None = None) -> dict:
+    """Prefill tok/s (time to first token), decode tok/s, peak memory; medians over `repeats`, interleaved
+    model, parent, model, ... With `parent`, ratios model/parent (> 1: the model is faster / bigger).
 
+    Prompts are random token ids; every row decodes exactly gen_len tokens greedily (min_new_tokens ==
+    max_new_tokens, so EOS cannot end it early). prefill = generate(1 token); decode tok/s =
+    batch*(gen_len-1) / (t(gen_len tokens) - t(1 token)), per repeat.
+    Memory: CUDA: max_memory_allocated above what was allocated before the run, plus the model's weights;
+    CPU: weights + KV cache at prompt_len+gen_len tokens, computed (activations not counted).
+    `batch_size`, `seq_len`, `decode_tokens` are older names for (batch_sizes,), prompt_len, gen_len.
+    """
+    if batch_size is not None:
+        batch_sizes = (batch_size,)
+    prompt_len = seq_len or prompt_len
+    gen_len = decode_tokens or gen_len
+    if gen_len < 2:
+        raise ValueError(f"speed_eval: gen_len={gen_len}; need >= 2 tokens to time decoding")
+    models = {"model": model} if parent is None else {"model": model, "parent": parent}
+    device = _device(model)
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(m.config.vocab_size for m in models.values())
+    prompts = {b: torch.randint(3, vocab, (b, prompt_len), generator=g).to(device) for b in batch_sizes}
+    cuda = device.type == "cuda"
 
-def model_memory_bytes(model, batch: int, tokens: int) -> int:
-    """Weights + KV cache (bf16) for `batch` sequences of `tokens` tokens: computed, not measured, on CPU."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights + kv_cache_bytes(model.config, batch * tokens, "bf16")
+    def gen(m, ids, n):
+        return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
 
-
-def speed_eval(model, parent, batch_size: int = 16, seq_len: int = 128, decode_tokens: int = 32,
-               repeats: int = 3) -> dict:
-    """Prefill and decode tok/s at batch 1 and batch_size, model and parent interleaved, median of repeats."""
-    out = {"batch_size": batch_size, "prompt_len": seq_len, "decode_tokens": decode_tokens,
-           "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
-    for b in sorted({1, batch_size}):
-        runs = {"model": [], "parent": []}
-        for m in (model, parent):  # warm-up: allocator, kernels, first-call overheads
-            _speed_once(m, b, min(seq_len, 16), 2)
-        for _ in range(repeats):
-            for name, m in (("model", model), ("parent", parent)):
-                runs[name].append(_speed_once(m, b, seq_len, decode_tokens))
-        for name in runs:
-            for k in ("prefill", "decode"):
-                out[f"{k}_tok_s_b{b}_{name}"] = statistics.median(r[k] for r in runs[name])
-        for k in ("prefill", "decode"):
-            out[f"{k}_speedup_b{b}"] = out[f"{k}_tok_s_b{b}_model"] / out[f"{k}_tok_s_b{b}_parent"]
-    for name, m in (("model", model), ("parent", parent)):
-        dev = next(m.parameters()).device
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-            _speed_once(m, batch_size, seq_len, decode_tokens)
-            out[f"peak_memory_bytes_{name}"] = torch.cuda.max_memory_allocated(dev)
-        else:
-            out[f"memory_bytes_{name}"] = model_memory_bytes(m, batch_size, seq_len + decode_tokens)
-    key = "peak_memory_bytes" if f"peak_memory_bytes_model" in out else "memory_bytes"
-    out["memory_ratio"] = out[f"{key}_model"] / out[f"{key}_parent"]
-    out["memory_kind"] = "measured (CUDA peak)" if key == "peak_memory_bytes" else "computed: weights + bf16 KV cache"
+    for m in models.values():  # warm-up (allocator, kernels, generate's first-call setup)
+        gen(m, prompts[batch_sizes[0]][:, :8], 2)
+    t1 = {(k, b): [] for k in models for b in batch_sizes}
+    tdec = {(k, b): [] for k in models for b in batch_sizes}
+    peak = {}
+    for _ in range(repeats):
+        for b in batch_sizes:
+            for name, m in models.items():
+                t_first = _timed(lambda: gen(m, prompts[b], 1))
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                t_all = _timed(lambda: gen(m, prompts[b], gen_len))
+                if cuda:
+                    peak[(name, b)] = torch.cuda.max_memory_allocated() - base + weight_bytes(m)
+                t1[(name, b)].append(t_first)
+                tdec[(name, b)].append(max(t_all - t_first, 1e-9))
+    out = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": device.type,
+           "batch_sizes": list(batch_sizes), "prompt_len": prompt_len, "gen_len": gen_len, "repeats": repeats,
+           "memory": "cuda max_memory_allocated (delta) + weights" if cuda
+           else "computed: weights + KV cache at prompt_len+gen_len (no activations)"}
+    for name, m in models.items():
+        r = {}
+        for b in batch_sizes:
+            r[f"prefill_tok_s_b{b}"] = b * prompt_len / statistics.median(t1[(name, b)])
+            r[f"decode_tok_s_b{b}"] = b * (gen_len - 1) / statistics.median(tdec[(name, b)])
+            mem = peak.get((name, b), weight_bytes(m) + b * (prompt_len + gen_len) * kv_cache_bytes_per_token(m))
+            r[f"peak_mem_mb_b{b}"] = mem / 2**20
+        out[name] = r
+    if parent is not None:
+        out["ratio"] = {k: out["model"][k] / out["parent"][k] for k in out["model"]}
+        top = max(batch_sizes)  # the names 03/04 read: throughput ratios at the largest batch
+        out["prefill_speedup"] = out["ratio"][f"prefill_tok_s_b{top}"]
+        out["decode_speedup"] = out["ratio"][f"decode_tok_s_b{top}"]
     return out
 
 
 # ----------------------------------------------------------------------------
-# Everything, with retention against the parent
+# One checkpoint, every suite
 
 
-def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = None, suites=("text", "gen", "speed"),
-                        quick: bool = False, gen_problems: int = 64, parent_gen: dict | None = None) -> dict:
-    """All suites for `model` (parent is model: evaluated once). parent_gen reuses the parent's earlier gen numbers."""
+FULL = dict(text_seqs=32, seq_len=256, gen_problems=30, if_problems=12, max_new_tokens_on=192,
+            max_new_tokens_off=96, gen_batch_size=16, speed_batch_sizes=(1, 16), speed_prompt_len=128,
+            speed_gen_len=32, speed_repeats=3)
+QUICK = dict(text_seqs=2, seq_len=64, gen_problems=4, if_problems=2, max_new_tokens_on=16, max_new_tokens_off=16,
+             gen_batch_size=4, speed_batch_sizes=(1, 2), speed_prompt_len=16, speed_gen_len=4, speed_repeats=1)
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _gen_suite(model, tokenizer, s: dict) -> dict:
+    from data_gen.instructions import generate_instructions
     from data_gen.math_problems import eval_problems
 
+    math = eval_problems(s["gen_problems"], seed=0)
+    chat = generate_instructions(s["if_problems"], seed=0, heldout=True)
+    bs = s["gen_batch_size"]
+    return {"gen_on": generation_eval(model, tokenizer, math, True, s["max_new_tokens_on"], bs),
+            "gen_off": generation_eval(model, tokenizer, math, False, s["max_new_tokens_off"], bs),
+            "gen_if": generation_eval(model, tokenizer, chat, False, s["max_new_tokens_off"], bs)}
+
+
+def _strip_samples(gen: dict) -> dict:
+    return {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in gen.items()}
+
+
+def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = None,
+                        suites=("text", "gen", "speed"), quick: bool = False, parent_gen: dict | None = None,
+                        **overrides) -> dict:
+    """All suites on `model`, with the parent's numbers and retention = model / parent.
+
+    `model is parent` evaluates once (KL 0, agreement 1, retention 1; speed measured once). `parent_gen` (the
+    "parent_gen" entry of an earlier metrics JSON with the same settings) spares re-running the parent's
+    generation. `overrides` change any size in FULL / QUICK (e.g. gen_problems=50).
+    """
+    unknown = set(suites) - {"text", "gen", "speed"}
+    if unknown:
+        raise ValueError(f"unknown suites {sorted(unknown)}; choose from text, gen, speed")
+    s = {**(QUICK if quick else FULL), **overrides}
     same = model is parent
-    out = {}
+    out = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": _device(model).type,
+           "quick": quick, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}}
+    timing, retention = {}, {}
     if "text" in suites:
-        text_eval = text_eval or TextEval(parent, tokenizer, num_seqs=4 if quick else 32, seq_len=128 if quick else 256)
-        out["text"] = {"model": text_eval.parent if same else text_eval(model), "parent": text_eval.parent}
-        out["next_token_acc_retention"] = out["text"]["model"]["next_token_acc"] / out["text"]["parent"]["next_token_acc"]
+        t = time.perf_counter()
+        if text_eval is None:
+            text_eval = TextEval(parent, tokenizer, seq_len=s["seq_len"], num_seqs=s["text_seqs"])
+        pm = text_eval.parent_metrics
+        m = dict(pm) if same else text_eval(model)
+        out["text"] = {**m, "tokens": text_eval.num_tokens, "parent_lm_loss": pm["lm_loss"],
+                       "parent_next_token_acc": pm["next_token_acc"]}
+        retention["next_token_acc"] = _ratio(m["next_token_acc"], pm["next_token_acc"])
+        retention["lm_loss"] = _ratio(pm["lm_loss"], m["lm_loss"])  # > 1 would be a lower loss than the parent's
+        timing["text_s"] = time.perf_counter() - t
     if "gen" in suites:
-        problems = eval_problems(8 if quick else gen_problems, seed=0)
-        max_new = 48 if quick else 160
-        out["gen"] = {}
-        for mode in ("on", "off"):
-            res = generation_eval(model, tokenizer, problems, reasoning=mode == "on", max_new_tokens=max_new)
-            res.pop("samples") if quick else None
-            out["gen"][mode] = res
-        out["gen_parent"] = out["gen"] if same else (parent_gen or {
-            mode: generation_eval(parent, tokenizer, problems, mode == "on", max_new) for mode in ("on", "off")})
+        t = time.perf_counter()
+        gen = _gen_suite(model, tokenizer, s)
+        out |= _strip_samples(gen)
+        out["samples"] = {k: v["samples"] for k, v in gen.items()}
+        if same:
+            parent_gen = _strip_samples(gen)
+        elif parent_gen is None or (parent_gen.get("settings"), parent_gen.get("dtype")) != (out["settings"], out["dtype"]):
+            parent_gen = _strip_samples(_gen_suite(parent, tokenizer, s))
+        parent_gen = {**{k: v for k, v in parent_gen.items() if k not in ("settings", "dtype")},
+                      "settings": out["settings"], "dtype": out["dtype"]}
+        out["parent_gen"] = parent_gen
+        for k in ("gen_on", "gen_off", "gen_if"):
+            retention[f"{k}_accuracy"] = _ratio(out[k]["accuracy"], parent_gen[k]["accuracy"])
+        timing["gen_s"] = time.perf_counter() - t
     if "speed" in suites:
-        out["speed"] = speed_eval(model, parent, batch_size=4 if quick else 16, seq_len=32 if quick else 128,
-                                  decode_tokens=8 if quick else 32, repeats=1 if quick else 3)
+        t = time.perf_counter()
+        out["speed"] = speed_eval(model, None if same else parent, s["speed_batch_sizes"], s["speed_prompt_len"],
+                                  s["speed_gen_len"], s["speed_repeats"])
+        if same:  # the parent against itself: ratios are 1 by definition, not measured twice
+            out["speed"]["parent"] = dict(out["speed"]["model"])
+            out["speed"]["ratio"] = {k: 1.0 for k in out["speed"]["model"]}
+        timing["speed_s"] = time.perf_counter() - t
+    out["retention"] = retention
+    out["timing"] = timing
     return out
 
 
-def print_summary(stage: str, m: dict) -> None:
-    print(f"\n{stage}: evaluation suite")
-    if "text" in m:
-        t, p = m["text"]["model"], m["text"]["parent"]
-        print("| text | model | parent |\n|---|---|---|")
-        for k in t:
-            print(f"| {k} | {t[k]:.4f} | {p[k]:.4f} |")
-    if "gen" in m:
-        print("| mode | accuracy | multi-step acc | format | mean tokens | parent acc |\n|---|---|---|---|---|---|")
-        for mode, g in m["gen"].items():
-            ms = "-" if g["accuracy_multistep"] is None else f"{g['accuracy_multistep']:.3f}"
-            print(f"| {mode} | {g['accuracy']:.3f} | {ms} | {g['format_compliance']:.3f} | "
-                  f"{g['mean_response_tokens']:.1f} | {m['gen_parent'][mode]['accuracy']:.3f} |")
-    if "speed" in m:
-        s = m["speed"]
-        print("| speed | model | parent | ratio |\n|---|---|---|---|")
-        for b in sorted({1, s["batch_size"]}):
-            for k in ("prefill", "decode"):
-                print(f"| {k} tok/s b{b} | {s[f'{k}_tok_s_b{b}_model']:.1f} | {s[f'{k}_tok_s_b{b}_parent']:.1f} | "
-                      f"{s[f'{k}_speedup_b{b}']:.2f}x |")
+def print_table(metrics: dict) -> None:
+    rows = []
+    if "text" in metrics:
+        t = metrics["text"]
+        rows += [("text lm_loss", t["lm_loss"], t["parent_lm_loss"]),
+                 ("text next_token_acc", t["next_token_acc"], t["parent_next_token_acc"]),
+                 ("text kl_parent", t["kl_parent"], 0.0), ("text top1_agreement", t["top1_agreement"], 1.0)]
+    for k in ("gen_on", "gen_off", "gen_if"):
+        if k in metrics:
+            p = metrics["parent_gen"][k]
+            rows += [(f"{k} {m}", metrics[k][m], p[m]) for m in ("accuracy", "format_compliance", "mean_response_tokens")]
+    if "speed" in metrics:
+        sp = metrics["speed"]
+        rows += [(f"speed {m}", sp["model"][m], sp["parent"][m]) for m in sp["model"]]
+    print(f"{'metric':<34}{'model':>12}{'parent':>12}{'ratio':>9}")
+    for name, a, b in rows:
+        r = _ratio(a, b)
+        print(f"{name:<34}{a:>12.4f}{b:>12.4f}{'' if r is None else f'{r:>9.3f}'}")
+
+
+# ----------------------------------------------------------------------------
+# CLI
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The embedded evaluation suite for one checkpoint against its parent")
-    p.add_argument("--model", required=True)
-    p.add_argument("--parent", required=True)
+    p = argparse.ArgumentParser(description="The embedded evaluation suite on one checkpoint, against the parent")
+    p.add_argument("--model", required=True, help="checkpoint directory to evaluate")
+    p.add_argument("--parent", required=True, help="the parent checkpoint (ratios and KL are against it)")
     p.add_argument("--stage", required=True, help="name of metrics/<stage>.json")
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-dir", required=True, help="runs/<name>: the metrics go to <run-dir>/metrics/")
     p.add_argument("--suites", default="text,gen,speed")
-    p.add_argument("--gen-problems", type=int, default=64, help="held-out problems per mode")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke tests)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke runs, tests)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bf16 on CUDA and bf16-capable CPUs, float32 otherwise")
+    p.add_argument("--threads", type=int, default=-1, help="torch CPU threads (-1: torch's default)")
+    # sizes (default: FULL, or QUICK with --quick); -1 keeps the default
+    for k, v in FULL.items():
+        if not isinstance(v, tuple):
+            p.add_argument("--" + k.replace("_", "-"), type=int, default=-1, help=f"default {v} (quick {QUICK[k]})")
     args = p.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+    t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parent, tokenizer = load_checkpoint(args.parent, dtype=dtype, device=device)
-        same = os.path.abspath(args.model) == os.path.abspath(args.parent)
-        model = parent if same else load_checkpoint(args.model, dtype=dtype, device=device, with_tokenizer=False)[0]
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    parent_metrics = os.path.join(args.run_dir, "metrics", "parent.json")
-    parent_gen = read_json(parent_metrics).get("gen") if not same and os.path.exists(parent_metrics) else None
-    t0 = time.time()
-    m = evaluate_checkpoint(model, parent, tokenizer, suites=tuple(args.suites.split(",")), quick=args.quick,
-                            gen_problems=args.gen_problems, parent_gen=parent_gen)
-    m.update({"model": args.model, "parent": args.parent, "dtype": args.dtype, "eval_wall_s": round(time.time() - t0, 1)})
-    write_metrics(args.run_dir, args.stage, m)
-    print_summary(args.stage, m)
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    same = os.path.realpath(args.model) == os.path.realpath(args.parent)
+    parent, tokenizer = load_checkpoint(args.parent, dtype=dtype, device=device)
+    model = parent if same else load_checkpoint(args.model, dtype=dtype, device=device, with_tokenizer=False)[0]
+    overrides = {k: getattr(args, k) for k in FULL if not isinstance(FULL[k], tuple) and getattr(args, k) >= 0}
+    parent_gen = None
+    cached = os.path.join(args.run_dir, "metrics", "parent.json")
+    if not same and os.path.exists(cached):  # the parent's generation numbers from its own evaluation
+        parent_gen = read_json(cached).get("parent_gen")
+    metrics = evaluate_checkpoint(model, parent, tokenizer, suites=tuple(args.suites.split(",")), quick=args.quick,
+                                  parent_gen=parent_gen, **overrides)
+    metrics = {"stage": args.stage, "model": args.model, "parent": args.parent, **metrics,
+               "wall_s": time.perf_counter() - t0}
+    path = write_metrics(args.run_dir, args.stage, metrics)
+    print_table(metrics)
+    print(f"{args.stage}: {metrics['dtype']} on {metrics['device']}, {metrics['wall_s']:.0f}s -> {path}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -4,8 +4,8 @@ A variant is one way to fill one subblock of one layer (Puzzle §3): attention {
 linear, no_op} and FFN {parent width, narrower widths (multiples of 256), linear, no_op}. On disk:
 
     library/library.json                          parent, variants (config, params, BLD loss curve), BLD stats
-    library/variants/L003.ffn.w1024.safetensors   the trained subblock (its norm + module, DecoderLayer key names)
-    library/variants/init/L003.ffn.w1024...       the same variant as initialized from the parent (no BLD)
+    library/variants/L003-ffn-w1024.safetensors   the trained subblock (its norm + module, DecoderLayer key names)
+    library/variants/init/L003-ffn-w1024...       the same variant as initialized from the parent (no BLD)
     library/scores.json                           replace-one-block KL / LM loss / top-1 agreement per variant
 
 Parent variants are not stored: they are the parent checkpoint's own weights.

@@ -1,0 +1,126 @@
+"""The evaluation suite and the generation interface, on tiny models with the tiny ChatML tokenizer."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from common.checkpoint import save_checkpoint
+from common.evaluate import TextEval, evaluate_checkpoint, generation_eval, main, speed_eval
+from common.generate import generate
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are op-overhead bound: one thread is faster, and on a busy 2-core machine two OpenMP
+    threads wait on each other at every op (seen here: 6 s instead of 0.05 s per tiny generate)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def parent_and_eval():
+    model, tok = tiny_model(), tiny_tokenizer()
+    return model, tok, TextEval(model, tok, seq_len=32, num_seqs=6, batch_size=4)
+
+
+def perturbed(model, scale=0.05, seed=1):
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.model.layers[1].parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return m
+
+
+def test_text_eval_parent_against_itself_has_zero_kl_and_full_agreement(parent_and_eval):
+    model, _, tev = parent_and_eval
+    assert tev.ids.shape == (6, 32) and tev.num_tokens == 192
+    m = tev(model)  # a real forward, not the cached shortcut
+    assert m["kl_parent"] == 0.0 and m["top1_agreement"] == 1.0
+    assert m["lm_loss"] == pytest.approx(tev.parent_metrics["lm_loss"], abs=1e-6)
+    assert m["next_token_acc"] == tev.parent_metrics["next_token_acc"]
+
+
+def test_text_eval_perturbed_model_has_positive_kl_matching_exact_float64_kl(parent_and_eval):
+    model, _, tev = parent_and_eval
+    child = perturbed(model)
+    m = tev(child)
+    assert m["kl_parent"] > 0 and m["top1_agreement"] < 1
+    with torch.no_grad():  # the exact KL(parent || child), float64, no cache
+        lp = model(tev.ids).logits.double().log_softmax(-1)
+        lq = child(tev.ids).logits.double().log_softmax(-1)
+        exact = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+        agree = (lp.argmax(-1) == lq.argmax(-1)).double().mean().item()
+    assert m["kl_parent"] == pytest.approx(exact, rel=1e-3)  # the float16 cache is exact enough
+    assert m["top1_agreement"] == pytest.approx(agree)
+    assert tev(perturbed(model, scale=0.2))["kl_parent"] > m["kl_parent"]  # a larger change, a larger KL
+
+
+def test_generate_returns_n_samples_per_prompt():
+    model, tok = tiny_model(), tiny_tokenizer()
+    outs = generate(model, tok, ["What is 2 + 2?", "Hi"], n=2, temperature=1.0, max_new_tokens=6, seed=0)
+    assert len(outs) == 2 and all(len(o) == 2 and all(isinstance(s, str) for s in o) for o in outs)
+
+
+def test_greedy_generate_matches_model_generate_per_prompt_under_left_padding():
+    model, tok = tiny_model(seed=3), tiny_tokenizer()
+    prompts = ["What is 12 + 30?", "The answer is", "system user assistant detailed thinking on off, a longer one"]
+    outs = generate(model, tok, prompts, max_new_tokens=10, batch_size=3)  # one batch, three lengths
+    for p, o in zip(prompts, outs):
+        ids = tok(p, add_special_tokens=False, return_tensors="pt").input_ids
+        ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        ref = ref.tolist()
+        ref = ref[:ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
+        assert o == [tok.decode(ref, skip_special_tokens=True)]
+
+
+def test_generate_cuts_at_stop_string():
+    model, tok = tiny_model(seed=3), tiny_tokenizer()
+    full = generate(model, tok, ["The answer is"], max_new_tokens=10)[0][0]
+    stop = full[2:4]
+    cut = generate(model, tok, ["The answer is"], max_new_tokens=10, stop=[stop])[0][0]
+    assert stop not in cut and full.startswith(cut)
+
+
+def test_speed_eval_same_model_gives_positive_numbers_and_ratio_near_one():
+    model = tiny_model()
+    s = speed_eval(model, model, batch_sizes=(1, 2), prompt_len=16, gen_len=8, repeats=3)
+    for k, v in s["model"].items():
+        assert v > 0 and s["parent"][k] > 0
+        assert 0.5 <= s["ratio"][k] <= 1.5, (k, s["ratio"][k])
+    assert s["ratio"]["peak_mem_mb_b2"] == 1.0 and s["memory"].startswith("computed")
+
+
+def test_generation_eval_scores_accuracy_and_format():
+    model, tok = tiny_model(), tiny_tokenizer()
+    problems = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "Say hi.", "answer": None,
+                "constraints": [{"type": "lowercase"}]}]
+    m = generation_eval(model, tok, problems, reasoning=False, max_new_tokens=8, batch_size=2)
+    assert m["n"] == 2 and 0 <= m["accuracy"] <= 1 and m["mean_response_tokens"] > 0
+    assert m["format_compliance"] == 1.0  # reasoning off: compliant unless the random model writes a think tag
+    assert len(m["samples"]) == 2 and "instruction_score" in m
+
+
+def test_evaluate_checkpoint_parent_against_itself_is_all_ones():
+    model, tok = tiny_model(), tiny_tokenizer()
+    m = evaluate_checkpoint(model, model, tok, quick=True)
+    assert m["text"]["kl_parent"] == 0.0 and m["retention"]["next_token_acc"] == 1.0
+    assert set(m["speed"]["ratio"].values()) == {1.0}
+    assert m["parent_gen"]["gen_on"]["accuracy"] == m["gen_on"]["accuracy"]
+
+
+def test_cli_writes_metrics_for_a_child_against_its_parent(tmp_path):
+    tok = tiny_tokenizer()
+    save_checkpoint(tiny_model(), tok, str(tmp_path / "parent"), stage="parent")
+    save_checkpoint(perturbed(tiny_model()), tok, str(tmp_path / "child"), stage="test")
+    main(["--model", str(tmp_path / "child"), "--parent", str(tmp_path / "parent"), "--stage", "child",
+          "--run-dir", str(tmp_path), "--quick", "--suites", "text,gen"])
+    m = json.load(open(tmp_path / "metrics" / "child.json"))
+    assert m["stage"] == "child" and m["dtype"] in ("float32", "bfloat16")
+    assert m["text"]["kl_parent"] > 0 and 0 < m["text"]["top1_agreement"] < 1
+    assert set(m["retention"]) >= {"next_token_acc", "gen_on_accuracy"} and "speed" not in m
