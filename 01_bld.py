@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from common.data import text_chunks
+from common.dist import compute_cleanup, compute_init, print0, shard_list
+from common.tracking import add_wandb_args, init_wandb
 from common.checkpoint import CheckpointError, load_checkpoint, read_json, write_json_atomic, write_metrics
 from common.losses import normalized_mse
 from common.model import ffn_mult_to_intermediate_size
@@ -458,9 +461,6 @@ def main(argv=None):
     compute_cleanup()
 
 
-from common.data import text_chunks  # noqa: E402
-from common.dist import compute_cleanup, compute_init, print0, shard_list  # noqa: E402
-from common.tracking import add_wandb_args, init_wandb  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,9 @@ import time
 import pulp
 import torch
 
+from common.dist import print0
+from common.evaluate import TextEval
+from common.tracking import add_wandb_args, init_wandb
 from common.checkpoint import CheckpointError, load_checkpoint, read_json, save_checkpoint, write_json_atomic
 from common.checkpoint import is_complete, write_metrics
 from common.fp8 import DTYPE_BYTES, kv_bytes_per_token
@@ -430,7 +433,7 @@ def main(argv=None):
 @torch.no_grad()
 def block_influence(parent, tev):
     """Per layer mean 1 - cos(h_in, h_out) on the held-out sequences (ShortGPT's block influence)."""
-    ids = tev.input_ids if hasattr(tev, "input_ids") else torch.randint(3, parent.config.vocab_size, (4, 64))
+    ids = tev.ids
     hs = parent(ids, output_hidden_states=True, use_cache=False).hidden_states
     return [(1 - torch.nn.functional.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1)).mean().item()
             for i in range(len(hs) - 1)]
@@ -456,9 +459,6 @@ def plot_pareto(sweep, baselines, path):
     fig.savefig(path, dpi=120)
 
 
-from common.dist import print0  # noqa: E402
-from common.evaluate import TextEval  # noqa: E402
-from common.tracking import add_wandb_args, init_wandb  # noqa: E402
 
 if __name__ == "__main__":
     main()

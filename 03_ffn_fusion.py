@@ -17,7 +17,7 @@ merge shortens the sequential depth by one block. The quality of several fusion 
 path is measured (the paper's "layers fused vs accuracy" table), and the chosen one is timed against the
 unfused model in the same run (decode latency at batch 1, prefill throughput).
 
-    python 03_ffn_fusion.py --child runs/smol/child --out runs/smol/fused                 # CPU, ~3 min
+    python 03_ffn_fusion.py --child runs/smol/child --out runs/smol/fused                 # CPU, ~3-4 min idle
     python 03_ffn_fusion.py --child runs/big/child --out runs/big/fused --device cuda \\
         --calib-tokens 65536 --eval-tokens 262144                                         # one GPU (forward only)
     python 03_ffn_fusion.py --child /tmp/child --out /tmp/fused --calib-tokens 128 \\

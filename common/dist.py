@@ -33,7 +33,8 @@ def compute_cleanup():
 
 
 def is_master() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0; before init, torchrun's RANK env var decides (so print0 is quiet on other ranks from the start)."""
+    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", 0)) == 0
 
 
 def print0(*args, **kwargs):
@@ -50,7 +51,10 @@ def all_reduce_mean(x):
     """Mean over ranks of a tensor or a float (returns the same kind)."""
     if not dist.is_initialized():
         return x
-    t = x.detach().clone() if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float64)
+    if isinstance(x, torch.Tensor):
+        t = x.detach().clone()
+    else:  # nccl reduces only CUDA tensors
+        t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     t /= dist.get_world_size()
     return t if isinstance(x, torch.Tensor) else t.item()
@@ -71,13 +75,19 @@ def wrap_fsdp(model, device=None):
     return model
 
 
-def shard_list(items, rank: int | None = None, world_size: int | None = None):
-    """This rank's items, strided (items[rank::world]) so every item lands on exactly one rank."""
+def shard_indices(n: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """This rank's indices into n items, strided (rank, rank + world, ...): shares differ by at most one."""
     if rank is None:
         rank = dist.get_rank() if dist.is_initialized() else 0
     if world_size is None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-    return items[rank::world_size]
+    return range(rank, n, world_size)
+
+
+def shard_list(items, rank: int | None = None, world_size: int | None = None):
+    """This rank's items, strided (items[rank::world]) so every item lands on exactly one rank."""
+    idx = shard_indices(len(items), rank, world_size)
+    return items[idx.start::idx.step]  # a slice keeps the container type (list, tensor)
 
 
 def default_compute_dtype(device) -> torch.dtype:

@@ -2,6 +2,8 @@
 
 import os
 
+from common.dist import is_master
+
 
 class DummyWandb:
     """Non-master ranks (and --wandb-mode disabled): every call is a no-op."""
@@ -20,7 +22,11 @@ def add_wandb_args(parser):
     parser.add_argument("--run-name", default=None)
 
 
-def init_wandb(project: str, name: str, config: dict, mode: str = "offline", master: bool = True, dir: str | None = None):
+def init_wandb(project: str, name: str, config: dict, mode: str = "offline", master: bool | None = None,
+               dir: str | None = None):
+    """A real wandb Run on the master rank (default: is_master(), so call after compute_init), else a DummyWandb."""
+    if master is None:
+        master = is_master()
     if not master or mode == "disabled":
         return DummyWandb()
     os.environ.setdefault("WANDB_SILENT", "true")

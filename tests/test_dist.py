@@ -1,13 +1,16 @@
-"""torchrun plumbing: a two-process gloo DDP step averages gradients exactly like one process on all the data."""
+"""torchrun plumbing: a two-process gloo step (DDP or FSDP2) averages gradients exactly like one process on all
+the data; rank sharding; W&B only on rank 0."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
-from common.dist import shard_list
+from common.dist import shard_indices, shard_list
+from common.tracking import DummyWandb, init_wandb
 
 SCRIPT = os.path.join(ROOT, "tests", "_ddp_step.py")
 
@@ -19,13 +22,22 @@ def run(cmd, out):
     return json.load(open(out))
 
 
-def test_two_process_gloo_ddp_gradients_match_single_process(tmp_path):
-    single = run([sys.executable], tmp_path / "one.json")
+@pytest.fixture(scope="module")
+def grads(tmp_path_factory):
+    """One single-process step on all the data, and one torchrun step (DDP and FSDP2) on two ranks' halves."""
+    tmp = tmp_path_factory.mktemp("dist")
+    single = run([sys.executable], tmp / "one.json")
     double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-                 tmp_path / "two.json")
+                 tmp / "two.json")
+    return {**single, **double}
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_process_gloo_gradients_match_single_process(grads, wrapper):
+    single, double = grads["single"], grads[wrapper]
     assert single.keys() == double.keys()
-    # each rank's loss is a mean over its (equal-sized) shard, so the DDP average equals the full-batch mean
-    worst = max(abs(a - b) for k in single for a, b in zip(single[k], double[k]))
+    # each rank's loss is a mean over its (equal-sized) shard, so the averaged gradient equals the full-batch one
+    worst = max(abs(a - b) for k in single for a, b in zip(single[k], double[k], strict=True))
     assert worst < 1e-6
 
 
@@ -33,3 +45,13 @@ def test_shard_list_covers_every_item_exactly_once():
     items = list(range(11))
     shards = [shard_list(items, r, 3) for r in range(3)]
     assert sorted(sum(shards, [])) == items and all(shards)
+    assert [list(shard_indices(11, r, 3)) for r in range(3)] == shards  # strided: rank r gets r, r + 3, ...
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_init_wandb_gives_non_master_ranks_a_dummy_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "1")  # torchrun's env var decides before the process group exists
+    run = init_wandb("p", "n", {"a": 1}, mode="offline", dir=str(tmp_path))
+    assert isinstance(run, DummyWandb)
+    run.log({"loss": 1.0}), run.finish()
+    assert not (tmp_path / "wandb").exists()
