@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, sys.argv[2])
 from conftest import tiny_model  # noqa: E402
 
-from common.dist import compute_cleanup, compute_init, shard_list, wrap_ddp, wrap_fsdp  # noqa: E402
+from common.dist import all_reduce_mean, compute_cleanup, compute_init, shard_list, wrap_ddp, wrap_fsdp  # noqa: E402
 
 ddp, rank, _, world, device = compute_init()
 torch.manual_seed(123)
@@ -19,14 +19,18 @@ rows = torch.stack(shard_list(list(data), rank, world)) if ddp else data
 
 def step_grads(wrap):
     model = tiny_model()
-    wrap(model)(input_ids=rows, labels=rows, use_cache=False).loss.backward()
+    wrapped = wrap(model)  # keep a reference: a DDP wrapper freed before backward never all-reduces
+    wrapped(input_ids=rows, labels=rows, use_cache=False).loss.backward()
     # FSDP2 leaves each rank a shard of every gradient (a DTensor): gather the whole one
     return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).flatten().tolist()
             for n, p in model.named_parameters()}
 
 
-out = {"ddp": step_grads(lambda m: wrap_ddp(m, device)), "fsdp": step_grads(wrap_fsdp)} if ddp else \
-      {"single": step_grads(lambda m: m)}
+if ddp:
+    out = {"ddp": step_grads(lambda m: wrap_ddp(m, device)), "fsdp": step_grads(wrap_fsdp),
+           "mean_rank": all_reduce_mean(float(rank))}
+else:
+    out = {"single": step_grads(lambda m: m)}
 if rank == 0:
     json.dump(out, open(sys.argv[1], "w"))
 compute_cleanup()

@@ -41,6 +41,10 @@ def test_two_process_gloo_gradients_match_single_process(grads, wrapper):
     assert worst < 1e-6
 
 
+def test_all_reduce_mean_of_a_python_float_averages_over_ranks(grads):
+    assert grads["mean_rank"] == 0.5  # ranks 0 and 1
+
+
 def test_shard_list_covers_every_item_exactly_once():
     items = list(range(11))
     shards = [shard_list(items, r, 3) for r in range(3)]
