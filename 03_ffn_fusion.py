@@ -318,8 +318,8 @@ def main(argv=None):
     depth_after = sequential_depth(fused.config)
     speed = {}
     if args.speed_new_tokens > 0:
-        speed = speed_eval(copy.deepcopy(fused).to(dtype), copy.deepcopy(child).to(dtype), batch_size=bs, seq_len=T,
-                           decode_tokens=args.speed_new_tokens)
+        speed = speed_eval(copy.deepcopy(fused).to(dtype), copy.deepcopy(child).to(dtype), batch_sizes=sorted({1, bs}),
+                           prompt_len=T, gen_len=args.speed_new_tokens)
 
     # -------------------------------------------------------------------- save
     fusion = {"child": args.child, "parent": parent_path, "runs": runs, "groups": groups, "layer_map": layer_map,
@@ -342,7 +342,7 @@ def main(argv=None):
     wandb_run.log({"fusion/depth_before": depth_before, "fusion/depth_after": depth_after,
                    **{f"fusion/before_{k}": v for k, v in before.items() if isinstance(v, float)},
                    **{f"fusion/after_{k}": v for k, v in after.items() if isinstance(v, float)},
-                   **{f"fusion/speed_{k}": v for k, v in speed.items() if isinstance(v, (int, float))}})
+                   **{f"fusion/speed_ratio_{k}": v for k, v in speed.get("ratio", {}).items()}})
     wandb_run.finish()
 
     # -------------------------------------------------------------------- report
@@ -355,12 +355,10 @@ def main(argv=None):
               f"{lv['max_dependency']:.3f} | {lv['kl_parent']:.4f} | {lv['next_token_acc']:.4f} | "
               f"{lv['top1_agreement']:.4f} |")
     if speed:
-        print(f"\nspeed, fused vs unfused in the same run ({speed['dtype']}, prompt {speed['prompt_len']}):")
-        print("| | unfused tok/s | fused tok/s | speedup |\n|---|---|---|---|")
-        for k, b in (("decode", 1), ("prefill", 1), ("decode", bs), ("prefill", bs)):
-            if f"{k}_speedup_b{b}" in speed:
-                print(f"| {k} batch {b} | {speed[f'{k}_tok_s_b{b}_parent']:.1f} | {speed[f'{k}_tok_s_b{b}_model']:.1f} | "
-                      f"{speed[f'{k}_speedup_b{b}']:.3f}x |")
+        print(f"\nspeed, fused vs unfused in the same run ({speed.get('dtype')}, prompt {T}):")
+        print("| measure | unfused | fused | fused/unfused |\n|---|---|---|---|")
+        for k, r in speed["ratio"].items():
+            print(f"| {k} | {speed['parent'][k]:.2f} | {speed['model'][k]:.2f} | {r:.3f} |")
     print(f"sequential depth {depth_before} -> {depth_after}; layers {cfg.num_hidden_layers} -> "
           f"{fused.config.num_hidden_layers}; * = saved")
     return metrics

@@ -256,7 +256,7 @@ def main(argv=None):
         with autocast():
             return text_eval(model)  # eval mode inside, training mode restored
 
-    parent_eval = text_eval.parent if text_eval else {}
+    parent_eval = (getattr(text_eval, "parent_metrics", None) or evaluate(teacher)) if text_eval else {}
 
     # -------------------------------------------------------------------- training
     def train(model0, losses, resume_from=None):
@@ -391,8 +391,8 @@ def main(argv=None):
         after = evaluate(student)
         if args.speed_new_tokens > 0:
             from common.evaluate import speed_eval
-            speed = speed_eval(copy.deepcopy(student).to(cdtype).eval(), teacher.eval(), batch_size=4,
-                               seq_len=args.seq_len, decode_tokens=args.speed_new_tokens)
+            speed = speed_eval(copy.deepcopy(student).to(cdtype).eval(), teacher.eval(), batch_sizes=(1, 4),
+                               prompt_len=args.seq_len, gen_len=args.speed_new_tokens)
         pacc = parent_eval.get("next_token_acc")
         retention = {k: (m["next_token_acc"] / pacc if m and pacc else None) for k, m in (("before", before), ("after", after))}
         metrics = {"student": args.student, "teacher": teacher_path, "out": args.out, "loss": args.loss,
@@ -414,7 +414,7 @@ def main(argv=None):
                 print(f"| {name} | {m['kl_parent']:.4f} | {m['next_token_acc']:.4f} | {ret:.3f} | "
                       f"{m['top1_agreement']:.4f} | {m['lm_loss']:.4f} |")
         if speed:
-            print("speed vs teacher: " + ", ".join(f"{k} {v:.3g}" for k, v in speed.items() if isinstance(v, (int, float))))
+            print("speed vs teacher (ratios, same run): " + ", ".join(f"{k} {v:.3f}" for k, v in speed["ratio"].items()))
     if world_size > 1:
         torch.distributed.barrier()
     wandb_run.finish()

@@ -118,7 +118,7 @@ def test_fused_checkpoint_reloads_generates_and_has_the_depth_fusion_json_says(t
     assert fusion["runs"] == [[1, 2, 3]] and fusion["groups"] == [[1, 2, 3]]  # default: fuse whole runs
     assert fusion["depth_before"] == 6 + 2 and fusion["depth_after"] == 6 + 2 - 2
     assert os.path.isfile(tmp_path / "fused" / "dependency_map.png")
-    assert metrics["speed"]["decode_speedup_b1"] > 0 and len(metrics["levels"]) == 3
+    assert metrics["speed"]["ratio"]["decode_tok_s_b1"] > 0 and len(metrics["levels"]) == 3
     fused, _ = load_checkpoint(str(tmp_path / "fused"))
     assert fused.config.num_hidden_layers == 4
     calls = []  # measured sequential depth: subblock modules executed in one forward
