@@ -240,12 +240,12 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        if self.n_kv != self.n_heads:  # repeat KV heads to the query heads (GQA)
+        gqa = self.n_kv != self.n_heads
+        if gqa and mask is not None and x.device.type == "cuda":  # CUDA's masked SDPA kernels take no GQA: repeat
             rep = self.n_heads // self.n_kv
-            k = k[:, :, None].expand(B, self.n_kv, rep, *k.shape[2:]).reshape(B, self.n_heads, *k.shape[2:])
-            v = v[:, :, None].expand(B, self.n_kv, rep, *v.shape[2:]).reshape(B, self.n_heads, *v.shape[2:])
-        is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
