@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common.data import text_chunks
-from common.dist import compute_cleanup, compute_init, print0, shard_list
+from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, resolve_dtype, shard_list
 from common.tracking import add_wandb_args, init_wandb
 from common.checkpoint import CheckpointError, load_checkpoint, read_json, write_json_atomic, write_metrics
 from common.losses import normalized_mse
@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--val-seqs", type=int, default=4, help="BLD validation sequences (loss before/after)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast compute dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="autocast compute dtype (auto: bf16 on CUDA / bf16-capable CPUs, else float32)")
     p.add_argument("--save-every", type=int, default=20, help="steps between resume states (-1 = never)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -131,7 +132,7 @@ def calibration_stats(parent, ids, batch_size, want_lstsq):
 
 def lstsq_weight(xtx, xty):
     ridge = 1e-4 * torch.trace(xtx) / xtx.shape[0]
-    return torch.linalg.solve(xtx + ridge * torch.eye(xtx.shape[0], dtype=xtx.dtype), xty).T.float()
+    return torch.linalg.solve(xtx + ridge * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device), xty).T.float()
 
 
 @torch.no_grad()
@@ -175,7 +176,7 @@ def init_variant(parent, l, sub, v, stats, linear_init):
 
 def embed(model, ids):
     x = model.model.embed_tokens(ids)
-    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
     return x, model.model.rotary_emb(x, pos)
 
 
@@ -264,14 +265,14 @@ def main(argv=None):
     if ddp:
         torch.distributed.barrier()
     wandb_run = init_wandb(args.wandb_project, args.run_name or "bld", user_config, mode=args.wandb_mode, master=rank == 0)
-    ptdtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    autocast = lambda: torch.autocast(device_type="cpu", dtype=ptdtype, enabled=ptdtype != torch.float32)  # noqa: E731
+    ptdtype = resolve_dtype(args.dtype, device)
+    autocast = lambda: autocast_ctx(device, ptdtype)  # noqa: E731
     torch.manual_seed(args.seed)
 
     # ------------------------------------------------------------------------
     # Parent and search space
     try:
-        parent, tokenizer = load_checkpoint(args.parent)
+        parent, tokenizer = load_checkpoint(args.parent, device=device)
     except CheckpointError as e:
         die(str(e))
     for p_ in parent.parameters():
@@ -310,7 +311,7 @@ def main(argv=None):
         die(f"only {len(chunks)} training sequences of {args.seq_len} tokens in the data, need {need} "
             f"(--num-seqs {args.num_seqs} + --val-seqs {args.val_seqs}); lower them or give more --data")
     g = torch.Generator().manual_seed(args.seed)
-    chunks = chunks[torch.randperm(len(chunks), generator=g)[:need]]
+    chunks = chunks[torch.randperm(len(chunks), generator=g)[:need]].to(device)
     train_ids, val_ids = chunks[:args.num_seqs], chunks[args.num_seqs:]
     batches = [train_ids[i:i + args.batch_size] for _ in range(args.epochs)
                for i in range(0, args.num_seqs - args.batch_size + 1, args.batch_size)]
@@ -328,9 +329,10 @@ def main(argv=None):
                                          args.linear_init)
         jobs_at.setdefault((e["layer"], e["subblock"]), []).append(e["key"])
     del stats
+    modules.to(device)
     os.makedirs(os.path.join(work, "variants", "init"), exist_ok=True)
     for key, m in modules.items():
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, variant_path(work, key, init=True))
+        save_file({k: v.contiguous().cpu() for k, v in m.state_dict().items()}, variant_path(work, key, init=True))
     val_init = {}
     for i in range(0, len(val_ids), args.batch_size):
         for k, v in bld_step(parent, val_ids[i:i + args.batch_size], jobs_at, modules, autocast, train=False).items():
@@ -380,7 +382,7 @@ def main(argv=None):
         for k, v in bld_step(parent, val_ids[i:i + args.batch_size], jobs_at, modules, autocast, train=False).items():
             val_final[k] = val_final.get(k, 0.0) + v * len(val_ids[i:i + args.batch_size]) / len(val_ids)
     for key, m in modules.items():
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, variant_path(work, key))
+        save_file({k: v.contiguous().cpu() for k, v in m.state_dict().items()}, variant_path(work, key))
     local = {k: {"loss_curve": curves[k], "val_loss_init": val_init[k], "val_loss_bld": val_final[k]} for k in modules}
     if ddp:
         torch.distributed.barrier()  # every rank's variants are on disk
@@ -391,7 +393,7 @@ def main(argv=None):
     held = torch.as_tensor(text_chunks(tokenizer, load_documents(args.data, "heldout"), args.score_seq_len))
     if len(held) < args.score_seqs:
         die(f"only {len(held)} held-out sequences of {args.score_seq_len} tokens, need --score-seqs {args.score_seqs}")
-    held = held[:args.score_seqs]
+    held = held[:args.score_seqs].to(device)
     to_score = [e for e in entries if not e["parent"]]
     my_score = shard_list(to_score)
     states = {e["key"]: (None if e["config"]["no_op"] else load_file(variant_path(work, e["key"]))) for e in my_score}

@@ -3,7 +3,9 @@ the chosen child assembled from the block library, and the baselines measured in
 
 Costs per (layer, variant): parameters; memory = weights + KV cache for a serving scenario (batch, prefill
 length, generation length, KV dtype); runtime measured here for that scenario: one base block + k copies of the
-variant minus the base alone, over k, median of repeats (cached per device and scenario in runs/<name>/costs/).
+variant minus the base alone, over k, median of repeats, the two timed interleaved (cached per device and
+scenario in runs/<name>/costs/; on CUDA when there is one). Every assembled child is timed interleaved with the
+parent (ABAB), so a machine that drifts in speed during the run cannot tilt the measured speedups.
 The MIP picks exactly one attention and one FFN variant per layer minimizing the summed replace-one-block score
 (KL by default) under any of: max parameters, max memory, min throughput speedup, max latency.
 
@@ -26,11 +28,12 @@ import re
 import statistics
 import sys
 import time
+import warnings
 
 import pulp
 import torch
 
-from common.dist import print0
+from common.dist import print0, resolve_dtype
 from common.evaluate import TextEval
 from common.tracking import add_wandb_args, init_wandb
 from common.checkpoint import CheckpointError, load_checkpoint, read_json, save_checkpoint, write_json_atomic
@@ -55,11 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--kv-dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="KV cache dtype (fp8 = e4m3)")
     p.add_argument("--kv-tokens", type=int, default=-1, help="cached tokens for memory (-1 = batch*(prefill+gen))")
     p.add_argument("--weight-bytes", type=float, default=2.0, help="bytes per weight for memory (bf16 = 2)")
-    p.add_argument("--speed-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--speed-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="dtype the runtimes are measured in (auto: bf16 where it is fast)")
     p.add_argument("--cost-copies", type=int, default=4, help="k copies of the variant on top of the base block")
     p.add_argument("--cost-repeats", type=int, default=5, help="median of this many timings")
     p.add_argument("--cost-decode-steps", type=int, default=8, help="decode steps timed per block-cost run")
-    p.add_argument("--speed-repeats", type=int, default=3, help="timings of each assembled model (median)")
+    p.add_argument("--speed-repeats", type=int, default=3, help="paired parent/child timings per model (median)")
+    p.add_argument("--speed-decode-steps", type=int, default=16, help="decode steps timed per speed run (scaled)")
     p.add_argument("--remeasure", action="store_true", help="ignore the cost cache for this device and scenario")
     # constraints (-1 = off)
     p.add_argument("--max-params", type=float, default=-1, help="max parameters; <= 1 means a fraction of the parent")
@@ -77,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-seqs", type=int, default=8, help="held-out sequences for KL / accuracy")
     p.add_argument("--eval-seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--run-dir", default=None, help="where metrics/mip.json and costs/ go (default: parent of --out)")
+    p.add_argument("--run-dir", default=None, help="where metrics/ and costs/ go (default: parent of --out)")
+    p.add_argument("--metrics-name", default="mip", help="metrics/<this>.json (one per child, e.g. mip_2x)")
     add_wandb_args(p)
     return p.parse_args(argv)
 
@@ -91,27 +97,50 @@ def die(msg):
 # Runtime: one serving scenario (prefill the batch, then decode gen-len tokens with the KV cache)
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
-def scenario_seconds(model, batch, prefill, gen_len, repeats, decode_steps=None):
-    """Median wall seconds for prefill + gen_len greedy decode steps (decode_steps timed, scaled to gen_len)."""
-    decode_steps = gen_len if decode_steps is None else min(decode_steps, gen_len)
-    V = model.config.vocab_size
-    ids = torch.randint(3, V, (batch, prefill), generator=torch.Generator().manual_seed(0))
-    times = []
-    for _ in range(repeats + 1):  # first run warms up
-        t0 = time.perf_counter()
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        t1 = time.perf_counter()
+def scenario_run(model, ids, gen_len, decode_steps):
+    """Wall seconds of one prefill + gen_len greedy decode steps (decode_steps of them timed, scaled to gen_len)."""
+    sync()
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    sync()
+    t1 = time.perf_counter()
+    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(decode_steps):
+        out = model(nxt, past_key_values=cache, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(decode_steps):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        t2 = time.perf_counter()
-        times.append((t1 - t0) + (t2 - t1) * gen_len / max(1, decode_steps))
-    return statistics.median(times[1:])
+    sync()
+    t2 = time.perf_counter()
+    return (t1 - t0) + (t2 - t1) * gen_len / max(1, decode_steps)
+
+
+def scenario_seconds(models, batch, prefill, gen_len, repeats, decode_steps=None):
+    """Median scenario seconds per model; several models are timed interleaved (ABAB...), so a machine that
+    speeds up or slows down during the run moves every model's timings alike and their ratios stay fair."""
+    single = not isinstance(models, (list, tuple))
+    models = [models] if single else list(models)
+    decode_steps = gen_len if decode_steps is None else min(decode_steps, gen_len)
+    V = min(m.config.vocab_size for m in models)
+    ids = torch.randint(3, V, (batch, prefill), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(models[0].parameters()).device)
+    times = [[] for _ in models]
+    for r in range(repeats + 1):  # the first round warms up
+        for i, m in enumerate(models):
+            t = scenario_run(m, ids, gen_len, decode_steps)
+            if r:
+                times[i].append(t)
+    med = [statistics.median(t) for t in times]
+    return med[0] if single else med
 
 
 def device_name(threads):
+    if torch.cuda.is_available():
+        return re.sub(r"[^A-Za-z0-9]+", "-", f"cuda-{torch.cuda.get_device_name()}").strip("-")
     name = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         m = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
@@ -127,13 +156,15 @@ def measure_block_runtimes(parent, space, args, dtype):
     def stack(blocks):
         c = dict(base_cfg, vocab_size=8, num_hidden_layers=len(blocks), block_configs=blocks)
         torch.manual_seed(0)
-        return DeciLMForCausalLM(DeciLMConfig(**c)).to(dtype).eval()
+        return DeciLMForCausalLM(DeciLMConfig(**c)).to(device=parent.device, dtype=dtype).eval()
 
-    def t(blocks):
-        return scenario_seconds(stack(blocks), args.batch, args.prefill, args.gen_len, args.cost_repeats,
-                                args.cost_decode_steps)
+    base_model = stack([cfg0.to_dict()])
 
-    base = t([cfg0.to_dict()])
+    def extra(blocks):  # seconds the stack takes beyond the base block, base and stack timed interleaved
+        base, total = scenario_seconds([base_model, stack(blocks)], args.batch, args.prefill, args.gen_len,
+                                       args.cost_repeats, args.cost_decode_steps)
+        return total - base
+
     out = {}
     for sub in SUBBLOCKS:
         for v in space[sub]:
@@ -148,7 +179,7 @@ def measure_block_runtimes(parent, space, args, dtype):
                 blk["attention"] = {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
             k = args.cost_copies
             key = f"{sub}:{v['name']}"
-            out[key] = max(0.0, (t([cfg0.to_dict()] + [blk] * k) - base) / k)
+            out[key] = max(0.0, extra([cfg0.to_dict()] + [blk] * k) / k)
             print0(f"  runtime {key:<18} {out[key] * 1e3:8.2f} ms")
     return out
 
@@ -163,7 +194,7 @@ def solve_mip(items, L, score_of, constraints, time_limit, exclude=(), min_hammi
     Returns (choice dict {(layer, sub): name}, status). `exclude`: earlier solutions to stay min_hamming away from.
     """
     prob = pulp.LpProblem("puzzle", pulp.LpMinimize)
-    x = {it: pulp.LpVariable(f"x_{it[0]}_{it[1]}_{re.sub(r'[^A-Za-z0-9]', '_', it[2])}", cat="Binary") for it in items}
+    x = {it: prob.add_variable(f"x_{it[0]}_{it[1]}_{re.sub(r'[^A-Za-z0-9]', '_', it[2])}", cat="Binary") for it in items}
     prob += pulp.lpSum(score_of[it] * x[it] for it in items)
     for l in range(L):
         for sub in SUBBLOCKS:
@@ -172,7 +203,9 @@ def solve_mip(items, L, score_of, constraints, time_limit, exclude=(), min_hammi
         prob += pulp.lpSum(cost[it] * x[it] for it in items) + const <= budget, cname
     for prev in exclude:  # diverse solutions: share at most 2L - d choices with each earlier one
         prob += pulp.lpSum(x[(l, s, n)] for (l, s), n in prev.items()) <= 2 * L - min_hamming
-    status = prob.solve(pulp.PULP_CBC_CMD(msg=0, timeLimit=time_limit))
+    with warnings.catch_warnings():  # pulp 3.3 bundles CBC behind PULP_CBC_CMD and flags it for pulp 4
+        warnings.simplefilter("ignore", DeprecationWarning)
+        status = prob.solve(pulp.PULP_CBC_CMD(msg=0, timeLimit=time_limit))
     if pulp.LpStatus[status] != "Optimal":
         return None, pulp.LpStatus[status]
     return {(it[0], it[1]): it[2] for it in items if x[it].value() > 0.5}, "Optimal"
@@ -193,6 +226,7 @@ def main(argv=None):
     args = parse_args(argv)
     user_config = vars(args).copy()
     torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # costs are measured where it runs
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
     if os.path.exists(args.out):
         die(f"{args.out} already exists ({'finished' if is_complete(args.out) else 'unfinished'}); "
@@ -202,12 +236,12 @@ def main(argv=None):
         die(f"{args.library} is not a finished block library (no library.json/scores.json); run 01_bld.py first")
     library, scores = read_json(lib_json), read_json(os.path.join(args.library, "scores.json"))["variants"]
     try:
-        parent, tokenizer = load_checkpoint(args.parent or library["parent"])
+        parent, tokenizer = load_checkpoint(args.parent or library["parent"], device=device)
     except CheckpointError as e:
         die(str(e))
     config, L = parent.config, library["num_layers"]
     wandb_run = init_wandb(args.wandb_project, args.run_name or "mip", user_config, mode=args.wandb_mode)
-    speed_dtype = torch.bfloat16 if args.speed_dtype == "bfloat16" else torch.float32
+    speed_dtype = resolve_dtype(args.speed_dtype, device)
     entries = {(e["layer"], e["subblock"], e["name"]): e for e in library["variants"]}
     items = sorted(entries)
     space = library["space"]
@@ -226,7 +260,7 @@ def main(argv=None):
                                               args.kv_dtype)
 
     memory = {it: params[it] * args.weight_bytes + kv_bytes(it) for it in items}
-    scenario = f"b{args.batch}-p{args.prefill}-g{args.gen_len}-{args.speed_dtype}"
+    scenario = f"b{args.batch}-p{args.prefill}-g{args.gen_len}-{str(speed_dtype).removeprefix('torch.')}"
     cost_path = os.path.join(run_dir, "costs", f"{device_name(args.threads)}__{scenario}.json")
     if os.path.exists(cost_path) and not args.remeasure:
         costs = read_json(cost_path)
@@ -307,9 +341,7 @@ def main(argv=None):
     # Assemble children from the library; measure speed and quality against the parent in this run
     tev = TextEval(parent, tokenizer, seq_len=args.eval_seq_len, num_seqs=args.eval_seqs, batch_size=4)
     parent_fast = copy.deepcopy(parent).to(speed_dtype)
-    parent_s = scenario_seconds(parent_fast, args.batch, args.prefill, args.gen_len, args.speed_repeats)
-    del parent_fast
-    print0(f"parent: {parent_s:.2f}s for the scenario ({args.batch * args.gen_len / parent_s:.1f} generated tok/s)")
+    parent_times = []  # the parent's time from every paired measurement (the table's parent runtime: their median)
 
     def assemble(choice, init=False):
         child = copy.deepcopy(parent)
@@ -323,8 +355,10 @@ def main(argv=None):
         child = assemble(choice, init)
         q = tev(child)
         fast = copy.deepcopy(child).to(speed_dtype)
-        s = scenario_seconds(fast, args.batch, args.prefill, args.gen_len, args.speed_repeats)
-        row = {"method": label, "measured_speedup": parent_s / s, "measured_runtime_s": s,
+        p_s, s = scenario_seconds([parent_fast, fast], args.batch, args.prefill, args.gen_len, args.speed_repeats,
+                                  args.speed_decode_steps)
+        parent_times.append(p_s)
+        row = {"method": label, "measured_speedup": p_s / s, "measured_runtime_s": s, "parent_runtime_s": p_s,
                "predicted_speedup": predicted(choice)["speedup"], "params": num_params(child),
                "kl": q["kl_parent"], "next_token_acc": q["next_token_acc"], "top1_agreement": q["top1_agreement"],
                "lm_loss": q["lm_loss"]}
@@ -389,6 +423,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------
     # Save: the child checkpoint with search.json, pareto.png, metrics
+    parent_s = statistics.median(parent_times)
     pred = predicted(solutions[0])
     uses_linear = any(entries[(l, s, n)]["config"]["replace_with_linear"] for (l, s), n in solutions[0].items())
     search = {"scenario": {"batch": args.batch, "prefill": args.prefill, "gen_len": args.gen_len,
@@ -408,16 +443,15 @@ def main(argv=None):
     child = child.to(parent.dtype)
     try:
         save_checkpoint(child, tokenizer, args.out, stage="mip", args=user_config, extra_json={"search.json": search},
-                        meta={"parent": library["parent"], "library": os.path.abspath(args.library)})
+                        meta={"parent": library["parent"], "library": os.path.abspath(args.library)},
+                        extra_files={"pareto.png": lambda path: plot_pareto(sweep, baselines, path)} if sweep else None)
     except CheckpointError as e:
         die(str(e))
-    if sweep:
-        plot_pareto(sweep, baselines, os.path.join(args.out, "pareto.png"))
     metrics = {"predicted_speedup": pred["speedup"], "measured_speedup": main_row["measured_speedup"],
                "params": main_row["params"], "kl": main_row["kl"], "next_token_acc": main_row["next_token_acc"],
                "next_token_acc_retention": main_row["next_token_acc"] / max(1e-9, pq["next_token_acc"]),
                "top1_agreement": main_row["top1_agreement"], "baselines": baselines, "sweep": sweep}
-    write_metrics(run_dir, "mip", metrics)
+    write_metrics(run_dir, args.metrics_name, metrics)
     wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, float)})
     print0(f"\nscenario: batch {args.batch}, prefill {args.prefill}, generate {args.gen_len}, KV {args.kv_dtype}; "
            f"parent {parent_s:.2f}s, acc {pq['next_token_acc']:.3f}")
@@ -433,7 +467,7 @@ def main(argv=None):
 @torch.no_grad()
 def block_influence(parent, tev):
     """Per layer mean 1 - cos(h_in, h_out) on the held-out sequences (ShortGPT's block influence)."""
-    ids = tev.ids
+    ids = tev.ids.to(parent.device)
     hs = parent(ids, output_hidden_states=True, use_cache=False).hidden_states
     return [(1 - torch.nn.functional.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1)).mean().item()
             for i in range(len(hs) - 1)]

@@ -64,7 +64,8 @@ def build_parser():
     p.add_argument("--speed-new-tokens", type=int, default=16, help="decode steps timed at batch 1 (0 = skip speed)")
     p.add_argument("--speed-prefill", default="4x128", help="full batch x prompt length for the speed measure")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype for map, eval and speed")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="dtype for map, eval and speed (auto: bf16 on CUDA / bf16-capable CPUs, else float32)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     from common.tracking import add_wandb_args
@@ -271,13 +272,14 @@ def main(argv=None):
     bs, T = (int(v) for v in args.speed_prefill.split("x"))
 
     from common.data import text_chunks
+    from common.dist import autocast_ctx, resolve_dtype
     from common.evaluate import TextEval, speed_eval
     from common.tracking import init_wandb
     from data_gen.text import distill_documents
 
     wandb_run = init_wandb(args.wandb_project, args.run_name or "ffn_fusion", user_config, mode=args.wandb_mode)
     print(f"parent (reference) {parent_path}")
-    dtype = getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype, args.device)
     child, tokenizer = load_checkpoint(args.child, dtype=torch.float32, device=args.device)  # fuse in float32
     parent, _ = load_checkpoint(parent_path, dtype=dtype, device=args.device, with_tokenizer=False)
     cfg = child.config
@@ -291,7 +293,7 @@ def main(argv=None):
     chunks = text_chunks(tokenizer, distill_documents("train"), args.seq_len)
     n_rows = max(1, math.ceil(args.calib_tokens / args.seq_len))
     calib = torch.as_tensor(chunks[:n_rows]).to(args.device)
-    with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+    with autocast_ctx(args.device, dtype):
         dep = dependency_map(child, calib, None if args.map_all else [i for r in runs for i in r])
     path = merge_path(runs, dep, args.max_group_size)
     n_merges, groups = ffn_fusion_groups(path, depth_before, args.threshold, args.target_depth)
@@ -331,9 +333,10 @@ def main(argv=None):
     save_checkpoint(fused, tokenizer, args.out, stage="ffn_fusion", args=user_config,
                     meta={"parent": parent_path, "input": args.child, "layer_map": [child_map[k] for k in layer_map],
                           "metrics": {"before": before, "after": after, "speed": speed}},
-                    extra_json={"fusion.json": fusion})
-    plot_dependency_map(dep, runs, groups, os.path.join(args.out, "dependency_map.png"),
-                        f"FFN Fusion dependency map ({os.path.basename(args.child.rstrip('/'))}); red = fused")
+                    extra_json={"fusion.json": fusion},
+                    extra_files={"dependency_map.png": lambda path: plot_dependency_map(
+                        dep, runs, groups, path,
+                        f"FFN Fusion dependency map ({os.path.basename(args.child.rstrip('/'))}); red = fused")})
 
     metrics = {"child": args.child, "fused": args.out, "depth_before": depth_before, "depth_after": depth_after,
                "layers_before": cfg.num_hidden_layers, "layers_after": fused.config.num_hidden_layers,

@@ -81,7 +81,8 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--explode-factor", type=float, default=10.0, help="stop when loss > this x recent mean (-1 = off)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast compute dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="autocast compute dtype (auto: bf16 on CUDA / bf16-capable CPUs, else float32)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (resume then resets the optimizer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
@@ -177,7 +178,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     user_config = vars(args).copy()
     torch.set_num_threads(args.threads)
-    from common.dist import all_reduce_mean, autocast_ctx, compute_init, print0, wrap_ddp, wrap_fsdp
+    from common.dist import all_reduce_mean, autocast_ctx, compute_init, print0, resolve_dtype, wrap_ddp, wrap_fsdp
     from common.tracking import init_wandb
 
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
@@ -203,11 +204,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     wandb_run = init_wandb(args.wandb_project, args.run_name or args.metrics_name, user_config,
                            mode=args.wandb_mode, master=rank == 0)
-    cdtype = getattr(torch, args.dtype)
+    cdtype = resolve_dtype(args.dtype, device)
     student, tokenizer = load_checkpoint(args.student, dtype=torch.float32, device=device)  # fp32 master weights
     teacher, _ = load_checkpoint(teacher_path, dtype=cdtype, device=device, with_tokenizer=False)
     teacher.requires_grad_(False)
-    autocast = lambda: autocast_ctx(device, enabled=cdtype != torch.float32)  # noqa: E731
+    autocast = lambda: autocast_ctx(device, cdtype)  # noqa: E731
 
     # matched hidden states for the cosine loss: student layer k reproduces teacher layer layer_map[k]
     n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers

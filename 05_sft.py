@@ -203,13 +203,17 @@ for s in range(start["stage"], 3):
 # Evaluate after, save, report
 
 after = eval_both_modes(raw_model) if rank == 0 else {}
+parent_res = {}  # the table's reference row: the parent on the same problems (when SFT did not start from it)
+if rank == 0 and problems and parent_path and os.path.abspath(parent_path) != os.path.abspath(args.init):
+    parent_res = eval_both_modes(load_checkpoint(parent_path, dtype=torch.float32, device=device,
+                                                 with_tokenizer=False)[0])
 if rank == 0:
     metrics = {"init": args.init, "train_tokens": tokens_seen * world_size, "wall_s": round(time.time() - t0, 1),
                "final_loss": history[-1]["loss"] if history else None}
-    for when, res in (("before", before), ("after", after)):
+    for when, res in (("parent", parent_res), ("before", before), ("after", after)):
         for mode, r in res.items():
-            for k in ("accuracy", "format_compliance", "mean_response_tokens"):
-                metrics[f"{when}_{mode}_{k}"] = r[k]
+            for k in ("accuracy", "accuracy_multistep", "format_compliance", "mean_response_tokens"):
+                metrics[f"{when}_{mode}_{k}"] = r.get(k)
     for mode, r in after.items():
         table = wandb_run.Table(columns=["mode", "prompt", "response", "correct"]) if hasattr(wandb_run, "Table") else None
         if table is not None:
@@ -219,10 +223,10 @@ if rank == 0:
     save_checkpoint(raw_model, tokenizer, args.out, stage="sft", args=user_config,
                     meta={"parent": parent_path, "init": args.init, "metrics": metrics, "history": history})
     write_metrics(run_dir, "sft", metrics)
-    print0(f"\n| mode | metric | {'before':>8} | {'after':>8} |\n|---|---|---|---|")
+    print0(f"\n| mode | metric | {'parent':>8} | {'before':>8} | {'after':>8} |\n|---|---|---|---|---|")
     for mode in ("on", "off"):
-        for k in ("accuracy", "format_compliance", "mean_response_tokens"):
-            b, a = metrics.get(f"before_{mode}_{k}"), metrics.get(f"after_{mode}_{k}")
-            print0(f"| {mode} | {k} | {str(b if b is None else round(b, 3)):>8} | {str(a if a is None else round(a, 3)):>8} |")
+        for k in ("accuracy", "accuracy_multistep", "format_compliance", "mean_response_tokens"):
+            vals = [metrics.get(f"{w}_{mode}_{k}") for w in ("parent", "before", "after")]
+            print0(f"| {mode} | {k} | " + " | ".join(f"{'-' if v is None else round(v, 3):>8}" for v in vals) + " |")
 wandb_run.finish()
 compute_cleanup()

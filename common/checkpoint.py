@@ -63,8 +63,12 @@ def check_checkpoint(path: str) -> None:
 
 
 def save_checkpoint(model, tokenizer, out: str, stage: str, args: dict | None = None, meta: dict | None = None,
-                    extra_json: dict | None = None, overwrite: bool = False) -> str:
-    """Write model + tokenizer + meta.json (+ extra JSON files such as search.json) to `out` atomically."""
+                    extra_json: dict | None = None, overwrite: bool = False, extra_files: dict | None = None) -> str:
+    """Write model + tokenizer + meta.json (+ extra JSON files such as search.json) to `out` atomically.
+
+    extra_files: {name: writer(path)} for non-JSON artifacts (plots) that belong inside the checkpoint; they are
+    written into the temporary directory, so they exist before COMPLETED does.
+    """
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         state = "a finished checkpoint" if is_complete(out) else "a directory without COMPLETED"
@@ -81,6 +85,8 @@ def save_checkpoint(model, tokenizer, out: str, stage: str, args: dict | None = 
     write_json_atomic(os.path.join(tmp, "meta.json"), info)
     for name, obj in (extra_json or {}).items():
         write_json_atomic(os.path.join(tmp, name), obj)
+    for name, writer in (extra_files or {}).items():
+        writer(os.path.join(tmp, name))
     with open(os.path.join(tmp, COMPLETED), "w") as f:
         f.write(info["time"] + "\n")
     if os.path.exists(out):  # overwrite=True: move the old one aside first, drop it only after the rename

@@ -90,18 +90,36 @@ def shard_list(items, rank: int | None = None, world_size: int | None = None):
     return items[idx.start::idx.step]  # a slice keeps the container type (list, tensor)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """avx512_bf16 / AMX: without them torch runs bf16 matmuls ~7x slower than float32 (AVX2: 16 vs 120 GFLOP/s)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def default_compute_dtype(device) -> torch.dtype:
+    """bf16 where bf16 matmuls are fast (CUDA with bf16, CPUs with avx512_bf16 / AMX), float32 elsewhere."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def autocast_ctx(device, enabled: bool = True):
-    """bf16 autocast over float32 master weights (CUDA and CPU); the one place the compute dtype is set."""
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """A --dtype flag: 'auto' picks default_compute_dtype(device), otherwise torch.<name>."""
+    return default_compute_dtype(device) if name == "auto" else getattr(torch, name)
+
+
+def autocast_ctx(device, dtype: torch.dtype | None = None):
+    """Mixed precision over float32 master weights; a no-op when the compute dtype is float32."""
     device = torch.device(device)
-    if not enabled:
+    dtype = dtype or default_compute_dtype(device)
+    if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=default_compute_dtype(device))
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def progress(iterable, **kwargs):

@@ -26,26 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import CheckpointError, load_checkpoint, read_json, write_metrics
+from common.dist import resolve_dtype
 from common.generate import generate
 
 # ----------------------------------------------------------------------------
-# Precision
-
-
-def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """bf16 where bf16 matmuls are fast (CUDA; CPUs with avx512_bf16 / AMX), float32 elsewhere.
-
-    On an AVX2-only CPU torch runs bf16 matmuls ~7x slower than float32 (measured here: 16 vs 120 GFLOP/s),
-    so bf16 would make every CPU evaluation slower, not faster.
-    """
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+# Helpers
 
 
 def _device(model) -> torch.device:
@@ -171,6 +156,12 @@ def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max
     out = {"n": n, "accuracy": sum(correct) / n, "format_compliance": sum(fmt) / n,
            "mean_response_tokens": sum(lengths) / n,
            "truncated": sum(x >= max_new_tokens for x in lengths) / n}  # re-tokenized: approximate at the limit
+    levels = sorted({p["difficulty"] for p in problems if "difficulty" in p})
+    if levels:  # math: accuracy per difficulty level; "multistep" = levels >= 3 (two or more steps)
+        by = {lv: [ok for p, ok in zip(problems, correct) if p.get("difficulty") == lv] for lv in levels}
+        out["accuracy_by_level"] = {str(lv): sum(v) / len(v) for lv, v in by.items()}
+        multi = [ok for p, ok in zip(problems, correct) if p.get("difficulty", 0) >= 3]
+        out["accuracy_multistep"] = sum(multi) / len(multi) if multi else None
     if if_scores:
         out["instruction_score"] = sum(if_scores) / len(if_scores)  # loose: fraction of constraints met
     out["samples"] = samples
@@ -412,7 +403,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype, device)
     same = os.path.realpath(args.model) == os.path.realpath(args.parent)
     parent, tokenizer = load_checkpoint(args.parent, dtype=dtype, device=device)
     model = parent if same else load_checkpoint(args.model, dtype=dtype, device=device, with_tokenizer=False)[0]

@@ -1,19 +1,31 @@
 """The results tables: every stage's metrics/<stage>.json lined up, plus how long each stage took.
 
     python -m common.report --run-dir runs/smol        # prints markdown, writes runs/smol/REPORT.md
+
+Known stages get the paper-style tables (Puzzle baselines and sweep, fusion levels, KD before/after and the
+loss ablation, the SFT toggle table); any other metrics file is listed as metric | value.
 """
 
 import argparse
 import json
 import os
 
-STAGE_ORDER = ["parent", "bld", "child", "fused", "distilled", "sft", "grpo", "rlhf"]
+STAGE_ORDER = ["timings", "parent", "bld", "mip", "mip_2x", "ffn_fusion", "distill", "distill_1.5x", "distill_2x",
+               "kd_ablation", "sft", "sft_eval", "grpo", "rlhf"]
 
 
-def _fmt(v):
+def _fmt(v, nd=4):
     if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+        return f"{v:.{nd}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return "-" if v is None else str(v)
+
+
+def _table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return out + [""]
 
 
 def _scalars(d: dict, prefix="") -> dict:
@@ -35,19 +47,132 @@ def load_metrics(run_dir: str) -> dict:
     return {n: json.load(open(os.path.join(mdir, n + ".json"))) for n in ordered}
 
 
+# ----------------------------------------------------------------------------
+# One renderer per known stage
+
+
+def _timings(m, _):
+    rows = [(k, v, v / 60) for k, v in m.items()]
+    rows.append(("total", sum(m.values()), sum(m.values()) / 60))
+    return ["## Wall time per stage (this machine)", ""] + _table(["stage", "seconds", "minutes"], rows)
+
+
+def _evaluation(m, name):
+    t, sp = m.get("text", {}), m.get("speed", {})
+    lines = [f"## Evaluation suite: {name} ({m.get('model')}, {m.get('dtype')})", ""]
+    lines += _table(["LM loss", "next-token acc", "KL(parent‖model)", "top-1 agreement", "tokens"],
+                    [(t.get("lm_loss"), t.get("next_token_acc"), t.get("kl_parent"), t.get("top1_agreement"),
+                      t.get("tokens"))])
+    rows = [(mode, g.get("n"), g.get("accuracy"), g.get("accuracy_multistep"), g.get("format_compliance"),
+             g.get("mean_response_tokens"), g.get("instruction_score"))
+            for mode, g in (("thinking on", m.get("gen_on", {})), ("thinking off", m.get("gen_off", {})),
+                            ("instruction following", m.get("gen_if", {})))]
+    lines += _table(["generation", "n", "accuracy", "multi-step acc", "format", "mean tokens", "IF score"], rows)
+    if sp.get("model"):
+        keys = [k for k in sp["model"] if not k.startswith("peak")]
+        lines += _table(["speed (tok/s)", *keys],
+                        [("model", *[sp["model"][k] for k in keys]), ("parent", *[sp["parent"][k] for k in keys]),
+                         ("ratio", *[sp["ratio"][k] for k in keys])])
+    return lines
+
+
+def _bld(m, _):
+    return ["## 01 Block library (BLD)", ""] + _table(
+        ["variants", "trained", "steps", "tokens", "tok/s", "parent forwards / batch", "val loss init → BLD",
+         "improved by BLD", "scoring s"],
+        [(m["variants"], m["trained_variants"], m["bld_steps"], m["bld_tokens"], m["bld_tok_per_s"],
+          m["parent_forwards_per_batch"], f"{m['val_loss_init_mean']:.4f} → {m['val_loss_bld_mean']:.4f}",
+          m["variants_improved_by_bld"], m["score_seconds"])])
+
+
+def _mip(m, name):
+    lines = [f"## 02 Puzzle search: {name} (predicted {m['predicted_speedup']:.2f}x, measured "
+             f"{m['measured_speedup']:.2f}x, next-token retention {m['next_token_acc_retention']:.3f})", ""]
+    cols = ["method", "measured speedup", "predicted", "params", "KL", "next-token acc", "top-1 agree"]
+    row = lambda r: (r["method"], r["measured_speedup"], r["predicted_speedup"], r["params"], r["kl"],  # noqa: E731
+                     r["next_token_acc"], r["top1_agreement"])
+    if len(m.get("baselines", [])) > 1:
+        lines += ["Baselines at the child's predicted runtime:", ""] + _table(cols, [row(r) for r in m["baselines"]])
+    if m.get("sweep"):
+        lines += ["Pareto sweep (min-speedup targets):", ""] + _table(cols, [row(r) for r in m["sweep"]])
+    return lines
+
+
+def _fusion(m, _):
+    lines = [f"## 03 FFN Fusion ({m['child']}): sequential depth {m['depth_before']} → {m['depth_after']}", ""]
+    lines += _table(["merges", "fused blocks", "layers", "depth", "max dependency", "KL", "next-token acc"],
+                    [(lv["merges"], lv["fused_blocks"], lv["num_layers"], lv["depth"], lv["max_dependency"],
+                      lv["kl_parent"], lv["next_token_acc"]) for lv in m["levels"]])
+    sp = m.get("speed") or {}
+    if sp.get("ratio"):
+        lines += ["Fused vs unfused, same run:", ""] + _table(list(sp["ratio"]), [list(sp["ratio"].values())])
+    return lines
+
+
+def _distill(m, name):
+    lines = [f"## 04 Global KD: {name} ({m['student']}, loss {m['loss']}, {m['tokens']:,} tokens)", ""]
+    rows = [(k, m[k].get("kl_parent"), m[k].get("next_token_acc"), (m.get("retention") or {}).get(k),
+             m[k].get("top1_agreement")) for k in ("before", "after") if m.get(k)]
+    lines += _table(["", "KL", "next-token acc", "retention", "top-1 agree"], rows)
+    sp = m.get("speed") or {}
+    if sp.get("ratio"):
+        lines += ["Speed vs the teacher (ratios):", ""] + _table(list(sp["ratio"]), [list(sp["ratio"].values())])
+    return lines
+
+
+def _ablation(m, _):
+    pacc = (m.get("parent") or {}).get("next_token_acc")
+    lines = [f"## 04 KD loss ablation ({m['student']}, {m['tokens_per_trial']:,} tokens per trial)", ""]
+    return lines + _table(["loss", "KL", "next-token acc", "retention", "top-1 agree", "LM loss"],
+                          [(r["loss"], r.get("kl_parent"), r.get("next_token_acc"),
+                            r.get("next_token_acc") / pacc if pacc and r.get("next_token_acc") else None,
+                            r.get("top1_agreement"), r.get("lm_loss")) for r in m["table"]])
+
+
+def _sft(m, _):
+    lines = [f"## 05 SFT with the reasoning toggle (init {m['init']}, {m['train_tokens']:,} tokens)", ""]
+    rows = []
+    for mode in ("on", "off"):
+        for who in ("parent", "before", "after"):
+            if m.get(f"{who}_{mode}_accuracy") is not None:
+                rows.append((f"thinking {mode}", {"before": "init", "after": "SFT"}.get(who, who),
+                             *[m.get(f"{who}_{mode}_{k}") for k in ("accuracy", "accuracy_multistep",
+                                                                   "format_compliance", "mean_response_tokens")]))
+    return lines + _table(["mode", "model", "accuracy", "multi-step acc", "format", "mean tokens"], rows)
+
+
+def _generic(m, name):
+    flat = {k: v for k, v in _scalars(m).items() if not k.startswith("args.")}
+    return [f"## {name}", ""] + _table(["metric", "value"], list(flat.items()))
+
+
+def _renderer(name, m):
+    if name == "timings":
+        return _timings
+    if name == "bld":
+        return _bld
+    if name.startswith("mip"):
+        return _mip
+    if name == "ffn_fusion" or "levels" in m:
+        return _fusion
+    if "table" in m and "tokens_per_trial" in m:
+        return _ablation
+    if name.startswith("distill") or ("before" in m and "after" in m and "student" in m):
+        return _distill
+    if name == "sft":
+        return _sft
+    if "text" in m and "speed" in m:
+        return _evaluation
+    return _generic
+
+
 def render(run_dir: str) -> str:
-    metrics = load_metrics(run_dir)
     lines = [f"# Results: {run_dir}", ""]
-    timings = metrics.pop("timings", None)
-    if timings:
-        lines += ["## Wall time per stage (this machine)", "", "| stage | seconds | minutes |", "|---|---|---|"]
-        lines += [f"| {k} | {v} | {v / 60:.1f} |" for k, v in timings.items()]
-        lines += [f"| total | {sum(timings.values())} | {sum(timings.values()) / 60:.1f} |", ""]
-    for stage, m in metrics.items():
-        flat = {k: v for k, v in _scalars(m).items() if not k.startswith("args.")}
-        lines += [f"## {stage}", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
-        lines.append("")
+    for name, m in load_metrics(run_dir).items():
+        try:
+            lines += _renderer(name, m)(m, name)
+        except (KeyError, TypeError, ZeroDivisionError):  # an older or partial metrics file: list what it has
+            lines += _generic(m, name)
     return "\n".join(lines)
 
 
@@ -55,7 +180,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Print the results tables of a run directory")
     p.add_argument("--run-dir", required=True)
     args = p.parse_args(argv)
-    text = render(args.run_dir)
+    try:
+        text = render(args.run_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
     with open(os.path.join(args.run_dir, "REPORT.md"), "w") as f:
         f.write(text + "\n")
     print(text)

@@ -109,23 +109,27 @@ def test_reset_optimizer_resumes_with_fresh_moments(ckpts):
     assert len(hist) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
 
 
-def test_two_process_gloo_matches_one_process_with_doubled_accumulation(ckpts):
-    base = argv(ckpts, "x", "--max-steps", "3", "--lr", "1e-3", "--save-every", "-1")
-    one = distill.main(argv(ckpts, "one", "--max-steps", "3", "--lr", "1e-3", "--save-every", "-1",
-                            "--metrics-name", "one"))
-    two_args = [a for a in base]
-    two_args[two_args.index("--out") + 1] = str(ckpts / "two")
+@pytest.fixture(scope="module")
+def one_process(ckpts):
+    return distill.main(argv(ckpts, "one", "--max-steps", "3", "--lr", "1e-3", "--save-every", "-1",
+                             "--metrics-name", "one"))
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_process_gloo_matches_one_process_with_doubled_accumulation(ckpts, one_process, wrapper):
+    two_args = argv(ckpts, f"two_{wrapper}", "--max-steps", "3", "--lr", "1e-3", "--save-every", "-1",
+                    "--metrics-name", f"two_{wrapper}", *(["--fsdp"] if wrapper == "fsdp" else []))
     two_args[two_args.index("--grad-accum") + 1] = "1"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": ROOT}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(ROOT, "04_distill.py"), *two_args, "--metrics-name", "two"],
+                        os.path.join(ROOT, "04_distill.py"), *two_args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    two = read_json(str(ckpts / "metrics" / "two.json"))
+    two = read_json(str(ckpts / "metrics" / f"two_{wrapper}.json"))
     assert two["world_size"] == 2
-    assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one], rel=1e-4)
+    assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one_process], rel=1e-4)
     a, _ = load_checkpoint(str(ckpts / "one"), with_tokenizer=False)
-    b, _ = load_checkpoint(str(ckpts / "two"), with_tokenizer=False)
+    b, _ = load_checkpoint(str(ckpts / f"two_{wrapper}"), with_tokenizer=False)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 

@@ -1,0 +1,42 @@
+"""The results report renders each known stage's table from its metrics file, and lists unknown ones."""
+
+import json
+import os
+
+import pytest
+
+from common.report import main, render
+
+
+def _write(run_dir, name, obj):
+    os.makedirs(os.path.join(run_dir, "metrics"), exist_ok=True)
+    with open(os.path.join(run_dir, "metrics", name + ".json"), "w") as f:
+        json.dump(obj, f)
+
+
+def test_report_tables(tmp_path):
+    r = str(tmp_path)
+    row = {"method": "MIP (KL score)", "measured_speedup": 1.52, "predicted_speedup": 1.6, "params": 90_000_000,
+           "kl": 0.31, "next_token_acc": 0.40, "top1_agreement": 0.7}
+    _write(r, "timings", {"bld": 300, "mip_1.5x": 120})
+    _write(r, "mip", {"predicted_speedup": 1.6, "measured_speedup": 1.52, "next_token_acc_retention": 0.9,
+                      "baselines": [row, dict(row, method="greedy per-layer", kl=0.5)], "sweep": [row]})
+    _write(r, "sft", {"init": "c", "train_tokens": 1000, "parent_on_accuracy": 0.0, "after_on_accuracy": 0.25,
+                      "after_on_format_compliance": 1.0, "after_off_accuracy": 0.2})
+    _write(r, "kd_ablation", {"student": "c", "tokens_per_trial": 4096, "parent": {"next_token_acc": 0.5},
+                              "table": [{"loss": "cosine,fkl", "kl_parent": 0.2, "next_token_acc": 0.45,
+                                         "top1_agreement": 0.8, "lm_loss": 3.1}]})
+    _write(r, "zzz_custom", {"a": {"b": 1.5}})
+    text = render(r)
+    assert "| total | 420 | 7 |" in text
+    assert "| greedy per-layer | 1.52 | 1.6 | 90,000,000 | 0.5 | 0.4 | 0.7 |" in text
+    assert "| thinking on | SFT | 0.25 | - | 1 | - |" in text
+    assert "| cosine,fkl | 0.2 | 0.45 | 0.9 | 0.8 | 3.1 |" in text
+    assert "| a.b | 1.5 |" in text
+    main(["--run-dir", r])
+    assert open(os.path.join(r, "REPORT.md")).read().startswith("# Results:")
+
+
+def test_report_missing_run_dir(tmp_path):
+    with pytest.raises(SystemExit, match="run the stages first"):
+        main(["--run-dir", str(tmp_path / "nope")])
