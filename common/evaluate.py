@@ -156,11 +156,12 @@ def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max
     out = {"n": n, "accuracy": sum(correct) / n, "format_compliance": sum(fmt) / n,
            "mean_response_tokens": sum(lengths) / n,
            "truncated": sum(x >= max_new_tokens for x in lengths) / n}  # re-tokenized: approximate at the limit
-    levels = sorted({p["difficulty"] for p in problems if "difficulty" in p})
-    if levels:  # math: accuracy per difficulty level; "multistep" = levels >= 3 (two or more steps)
-        by = {lv: [ok for p, ok in zip(problems, correct) if p.get("difficulty") == lv] for lv in levels}
-        out["accuracy_by_level"] = {str(lv): sum(v) / len(v) for lv, v in by.items()}
-        multi = [ok for p, ok in zip(problems, correct) if p.get("difficulty", 0) >= 3]
+    math = [(p["difficulty"], ok) for p, ok in zip(problems, correct) if "difficulty" in p and not p.get("constraints")]
+    if math:  # math: accuracy per difficulty level; "multistep" = levels >= 3 (two or more steps)
+        levels = sorted({lv for lv, _ in math})
+        out["accuracy_by_level"] = {str(lv): sum(ok for l_, ok in math if l_ == lv) / sum(l_ == lv for l_, _ in math)
+                                    for lv in levels}
+        multi = [ok for lv, ok in math if lv >= 3]
         out["accuracy_multistep"] = sum(multi) / len(multi) if multi else None
     if if_scores:
         out["instruction_score"] = sum(if_scores) / len(if_scores)  # loose: fraction of constraints met
