@@ -90,6 +90,12 @@ def shard_list(items, rank: int | None = None, world_size: int | None = None):
     return items[idx.start::idx.step]  # a slice keeps the container type (list, tensor)
 
 
+def sync() -> None:
+    """Wait for queued CUDA work (a no-op on CPU): call before reading a timer."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def cpu_has_fast_bf16() -> bool:
     """avx512_bf16 / AMX: without them torch runs bf16 matmuls ~7x slower than float32 (AVX2: 16 vs 120 GFLOP/s)."""
     try:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import CheckpointError, load_checkpoint, read_json, write_metrics
-from common.dist import resolve_dtype
+from common.dist import resolve_dtype, sync
 from common.generate import generate
 
 # ----------------------------------------------------------------------------
@@ -190,12 +190,10 @@ def weight_bytes(model) -> int:
 
 
 def _timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t
 
 
