@@ -56,8 +56,9 @@ p.add_argument("--save-every", type=int, default=50, help="optimizer steps betwe
 p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/")
 # evaluation
 p.add_argument("--eval-problems", type=int, default=64, help="held-out problems per mode (0 = skip)")
-p.add_argument("--eval-max-new-tokens", type=int, default=160)
+p.add_argument("--eval-max-new-tokens", type=int, default=320, help="room for the longest worked solutions")
 p.add_argument("--run-dir", default=None, help="where metrics/sft.json goes (default: the parent of --out)")
+p.add_argument("--metrics-name", default="sft", help="metrics/<name>.json, e.g. sft_parent for SFT from the parent")
 add_wandb_args(p)
 args = p.parse_args()
 user_config = vars(args).copy()
@@ -116,10 +117,15 @@ if not reasoning_on or not reasoning_off:
 
 
 def packed_rows(recs, epoch_seed):
-    """Tokenize, shuffle (same order on every rank and on resume), pack, and keep this rank's rows."""
-    examples = [tokenize_sft_example(tokenizer, r, args.seq_len) for r in recs]
-    random.Random(epoch_seed).shuffle(examples)
-    return shard_list(pack_examples(examples, args.seq_len), rank, world_size)
+    """Tokenize, shuffle (same order on every rank and on resume), pack, and keep this rank's rows. The on and
+    off versions of a problem stay adjacent, so they share a row: one batch shows the same prompt answered both
+    ways, and the system prompt is the only thing that tells them apart."""
+    groups = {}
+    for r in recs:
+        groups.setdefault(r["id"], []).append(tokenize_sft_example(tokenizer, r, args.seq_len))
+    order = list(groups.values())
+    random.Random(epoch_seed).shuffle(order)
+    return shard_list(pack_examples([e for g in order for e in g], args.seq_len), rank, world_size)
 
 
 # ----------------------------------------------------------------------------
@@ -134,7 +140,7 @@ def eval_both_modes(m):
     m.eval()
     with autocast_ctx(device):
         out = {mode: generation_eval(m, tokenizer, problems, reasoning=(mode == "on"),
-                                     max_new_tokens=args.eval_max_new_tokens, batch_size=16)
+                                     max_new_tokens=args.eval_max_new_tokens, batch_size=32)
                for mode in ("on", "off")}
     m.train()
     return out
@@ -177,7 +183,8 @@ for s in range(start["stage"], 3):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast_ctx(device):
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False)
+                            position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False,
+                            return_logits=False)
             (out.loss / args.grad_accum).backward()
             loss_sum += out.loss.item() / args.grad_accum
             tokens_seen += int((batch["seq_ids"] >= 0).sum())
@@ -218,11 +225,11 @@ if rank == 0:
         table = wandb_run.Table(columns=["mode", "prompt", "response", "correct"]) if hasattr(wandb_run, "Table") else None
         if table is not None:
             for sample in r["samples"]:
-                table.add_data(mode, *sample)
+                table.add_data(mode, sample["prompt"], sample["response"], sample["correct"])
             wandb_run.log({f"sft/samples_{mode}": table})
     save_checkpoint(raw_model, tokenizer, args.out, stage="sft", args=user_config,
                     meta={"parent": parent_path, "init": args.init, "metrics": metrics, "history": history})
-    write_metrics(run_dir, "sft", metrics)
+    write_metrics(run_dir, args.metrics_name, metrics)
     print0(f"\n| mode | metric | {'parent':>8} | {'before':>8} | {'after':>8} |\n|---|---|---|---|---|")
     for mode in ("on", "off"):
         for k in ("accuracy", "accuracy_multistep", "format_compliance", "mean_response_tokens"):

@@ -51,7 +51,11 @@ stage kd_ablation   "$R/metrics/kd_ablation.json"  $PY 04_distill.py --student "
                       --loss-ablation "lm;fkl;cosine;cosine,fkl;cosine,fkl,lm" --tokens 8192 --metrics-name kd_ablation
 # 05: SFT with the reasoning toggle, from the newest upstream checkpoint (the distilled 1.5x child)
 stage sft           "$R/sft/COMPLETED"             $PY 05_sft.py --init "$R/distilled_1.5x" --data "$D" --out "$R/sft" \
-                      --max-steps 12,24,8 --lr 3e-4,2e-4,1e-4 --seq-len 512 --grad-accum 1 --eval-problems 32
+                      --max-steps 12,36,12 --lr 3e-4,2e-4,1e-4 --seq-len 512 --grad-accum 1 --eval-problems 32
+# ... and LN-Nano's path, SFT from the parent directly (same data, budget and problems)
+stage sft_parent    "$R/sft_parent/COMPLETED"      $PY 05_sft.py --init "$R/parent" --data "$D" --out "$R/sft_parent" \
+                      --max-steps 12,36,12 --lr 3e-4,2e-4,1e-4 --seq-len 512 --grad-accum 1 --eval-problems 32 \
+                      --metrics-name sft_parent
 
 # the final model through the whole evaluation suite against the parent (text, toggle, IF, speed)
 stage eval_sft      "$R/metrics/sft_eval.json"     $PY -m common.evaluate --model "$R/sft" --parent "$R/parent" --stage sft_eval --run-dir "$R"

@@ -11,7 +11,7 @@ import json
 import os
 
 STAGE_ORDER = ["timings", "parent", "bld", "mip", "mip_2x", "ffn_fusion", "distill", "distill_1.5x", "distill_2x",
-               "kd_ablation", "sft", "sft_eval", "grpo", "rlhf"]
+               "kd_ablation", "sft", "sft_parent", "sft_eval", "grpo", "rlhf"]
 
 
 def _fmt(v, nd=4):
@@ -159,7 +159,7 @@ def _renderer(name, m):
         return _ablation
     if name.startswith("distill") or ("before" in m and "after" in m and "student" in m):
         return _distill
-    if name == "sft":
+    if name.startswith("sft") and "train_tokens" in m:
         return _sft
     if "text" in m and "speed" in m:
         return _evaluation

@@ -1,14 +1,18 @@
 """Procedural math with exact answers, difficulty 1..5 (the OpenMath role in the recipe, at toy scale).
 
     1  one step: add/subtract two 2-digit numbers
-    2  one step: multiplication, or 3-digit add/subtract
+    2  one step: 2-digit x 1-digit multiplication, or 3-digit add/subtract
     3  two-step expressions (operator precedence, parentheses)
     4  word problems, 2-3 steps (shopping, ages, rates)
     5  word problems, 3-4 steps
 
-Each problem carries a worked solution (`think`, a few short lines), a final sentence and a short answer, all
-ending in \\boxed{N}. `eval_problems` draws from the reserved eval bucket (records.in_eval_bucket) with its own
-seed space, so it never overlaps what `generate_math` produces.
+Each problem carries a worked solution (`think`), a final sentence and a short answer (the last operation and
+its result: the concise reply of "detailed thinking off"), all ending in \\boxed{N}.
+The worked solution does every multi-digit operation column by column, right to left, one single-digit fact
+per line with the digits written so far ("7 + 8 = 15, so far 5, carry 1."): the long-form arithmetic a small
+model can follow, which is what thinking buys over answering at once. Every product has a one-digit factor.
+`eval_problems` draws from the reserved eval bucket (records.in_eval_bucket) with its own seed space, so it
+never overlaps what `generate_math` produces.
 """
 
 import random
@@ -20,71 +24,141 @@ NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "
 ITEMS = ["pen", "notebook", "apple", "ticket", "sticker", "candle", "marker", "cookie", "book", "plant"]
 
 
-def _add(a, b):
-    """a + b, split into tens and ones: '47 + 38 = 47 + 30 + 8 = 77 + 8 = 85'."""
-    hi, lo = b - b % 10, b % 10
-    return f"{a} + {b} = {a} + {hi} + {lo} = {a + hi} + {lo} = {a + b}" if hi and lo else f"{a} + {b} = {a + b}"
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]
 
 
-def _sub(a, b):
-    hi, lo = b - b % 10, b % 10
-    return f"{a} - {b} = {a} - {hi} - {lo} = {a - hi} - {lo} = {a - b}" if hi and lo else f"{a} - {b} = {a - b}"
+def _so_far(line: str, written: str, note: str = "") -> str:
+    return f"{line}, so far {written}{note}."
 
 
-def _mul(a, b):
-    """a × b by place value of the larger factor: '23 × 7 = 20 × 7 + 3 × 7 = 140 + 21 = 161'."""
-    hi, lo = a - a % 10, a % 10
-    if a < 10 or lo == 0:
-        return f"{a} × {b} = {a * b}"
-    return f"{a} × {b} = {hi} × {b} + {lo} × {b} = {hi * b} + {lo * b} = {a * b}"
+def _column_add(a: int, b: int) -> list[str]:
+    """'47 + 38' -> ['7 + 8 = 15, so far 5, carry 1.', '4 + 3 + 1 = 8, so far 85.']"""
+    da, db, carry, written, lines = _digits(a), _digits(b), 0, "", []
+    for i in range(max(len(da), len(db))):
+        terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry else [])
+        s = sum(terms)
+        carry, written = s // 10, str(s % 10) + written
+        expr = " + ".join(map(str, terms))
+        lines.append(_so_far(f"{expr} = {s}" if len(terms) > 1 else expr, written, ", carry 1" if carry else ""))
+    if carry:
+        lines.append(_so_far("write the carry 1", "1" + written))
+    return lines
+
+
+def _column_sub(a: int, b: int) -> list[str]:
+    """a >= b. '52 - 38' -> ['12 - 8 = 4, so far 4, borrow 1.', '5 - 1 - 3 = 1, so far 14.']"""
+    da, db, borrow, written, lines = _digits(a), _digits(b), 0, "", []
+    for i, x in enumerate(da):
+        y = db[i] if i < len(db) else 0
+        v, out = x - borrow - y, 0
+        if v < 0:
+            v, out = v + 10, 1
+        parts = [f"1{x}" if out else str(x)] + (["1"] if borrow else []) + ([str(y)] if i < len(db) else [])
+        expr = " - ".join(parts)
+        written = str(v) + written
+        lines.append(_so_far(f"{expr} = {v}" if len(parts) > 1 else expr, written, ", borrow 1" if out else ""))
+        borrow = out
+    return lines
+
+
+def _column_mul(a: int, d: int) -> list[str]:
+    """a x one digit d. '23 × 7' -> ['3 × 7 = 21, so far 1, carry 2.', '2 × 7 + 2 = 16, so far 161.']"""
+    carry, written, lines = 0, "", []
+    da = _digits(a)
+    for i, x in enumerate(da):
+        s = x * d + carry
+        expr = f"{x} × {d}" + (f" + {carry}" if carry else "")
+        last = i == len(da) - 1
+        carry, written = (0, str(s) + written) if last else (s // 10, str(s % 10) + written)
+        lines.append(_so_far(f"{expr} = {s}", written, f", carry {carry}" if carry else ""))
+    return lines
+
+
+def calc(a: int, op: str, b: int) -> tuple[list[str], int]:
+    """The worked lines of `a op b` (column by column unless both are one digit), ending 'So a op b = r.'"""
+    r = {"+": a + b, "-": a - b, "×": a * b}[op]
+    if a < 10 and b < 10:
+        return [f"{a} {op} {b} = {r}."], r
+    if op == "+":
+        work = _column_add(a, b)
+    elif op == "-":
+        assert a >= b, (a, b)
+        work = _column_sub(a, b)
+    else:
+        big, small = (a, b) if b < 10 else (b, a)
+        assert small < 10, f"{a} × {b}: products need a one-digit factor"
+        work = _column_mul(big, small)
+    return work + [f"So {a} {op} {b} = {r}."], r
+
+
+def step(label: str, a: int, op: str, b: int) -> tuple[list[str], int]:
+    """One step of a word problem: '<label>: a op b.' then its worked lines."""
+    lines, r = calc(a, op, b)
+    return ([f"{label}: {a} {op} {b}."] if len(lines) > 1 else []) + \
+        ([f"{label}: {lines[0]}"] if len(lines) == 1 else lines), r
 
 
 def level1(r):
     a, b = r.randint(10, 99), r.randint(10, 99)
     if r.random() < 0.5:
         q = r.choice(["What is {} + {}?", "Compute {} + {}.", "Add {} and {}."])
-        return q.format(a, b), [_add(a, b) + "."], a + b
+        return q.format(a, b), calc(a, "+", b)[0], a + b
     a, b = max(a, b), min(a, b)
     q = r.choice(["What is {} - {}?", "Compute {} - {}.", "Subtract {1} from {0}."])
-    return q.format(a, b), [_sub(a, b) + "."], a - b
+    return q.format(a, b), calc(a, "-", b)[0], a - b
 
 
 def level2(r):
     kind = r.choice(["mul", "mul", "add3", "sub3"])
     if kind == "mul":
-        a, b = r.choice([(r.randint(12, 99), r.randint(3, 9)), (r.randint(11, 30), r.randint(11, 19))])
-        return r.choice(["What is {} × {}?", "Multiply {} by {}."]).format(a, b), [_mul(a, b) + "."], a * b
+        a, b = r.randint(12, 99), r.randint(3, 9)
+        return r.choice(["What is {} × {}?", "Multiply {} by {}."]).format(a, b), calc(a, "×", b)[0], a * b
     a, b = r.randint(100, 999), r.randint(100, 999)
     if kind == "add3":
-        return f"What is {a} + {b}?", [_add(a, b) + "."], a + b
+        return f"What is {a} + {b}?", calc(a, "+", b)[0], a + b
     a, b = max(a, b), min(a, b)
-    return f"What is {a} - {b}?", [_sub(a, b) + "."], a - b
+    return f"What is {a} - {b}?", calc(a, "-", b)[0], a - b
+
+
+def _steps(*specs):
+    """Chain word-problem steps: each spec is (label, a, op, b) where a or b may be a callable of the results so
+    far. Returns (lines, results)."""
+    lines, results = [], []
+    for label, a, op, b in specs:
+        a, b = (x(results) if callable(x) else x for x in (a, b))
+        ls, v = step(label, a, op, b)
+        lines += ls
+        results.append(v)
+    return lines, results
 
 
 def level3(r):
-    a, b, c = r.randint(2, 40), r.randint(2, 12), r.randint(2, 12)
+    a, b, c = r.randint(2, 40), r.randint(2, 9), r.randint(2, 9)
     form = r.randrange(3)
     if form == 0:  # precedence: multiply first
-        return (f"What is {a} + {b} × {c}?",
-                [f"Multiply first: {b} × {c} = {b * c}.", f"Then {a} + {b * c} = {a + b * c}."], a + b * c)
+        lines, res = _steps(("Multiply first", b, "×", c), ("Then add", a, "+", lambda v: v[0]))
+        return f"What is {a} + {b} × {c}?", lines, res[-1]
     if form == 1:
-        return (f"What is ({a} + {b}) × {c}?", [f"Parentheses first: {a} + {b} = {a + b}.",
-                f"Then {_mul(a + b, c)}."], (a + b) * c)
-    c = r.randint(1, a * b - 1) if a * b > 1 else 0
-    return f"What is {a} × {b} - {c}?", [f"First {_mul(a, b)}.", f"Then {a * b} - {c} = {a * b - c}."], a * b - c
+        lines, res = _steps(("Parentheses first", a, "+", b), ("Then multiply", lambda v: v[0], "×", c))
+        return f"What is ({a} + {b}) × {c}?", lines, res[-1]
+    c = r.randint(1, a * b - 1)
+    lines, res = _steps(("Multiply first", a, "×", b), ("Then subtract", lambda v: v[0], "-", c))
+    return f"What is {a} × {b} - {c}?", lines, res[-1]
 
 
 def _shop(r, with_change):
     n, it, q, p = r.choice(NAMES), r.choice(ITEMS), r.randint(2, 9), r.randint(2, 15)
     it2, p2 = r.choice([i for i in ITEMS if i != it]), r.randint(2, 20)
     q_text = f"{n} buys {q} {it}s at ${p} each and one {it2} for ${p2}."
-    steps = [f"{q} {it}s cost {q} × {p} = {q * p} dollars.", f"Adding the {it2}: {q * p} + {p2} = {q * p + p2}."]
-    total = q * p + p2
+    specs = [(f"The {it}s cost", q, "×", p), (f"Adding the {it2}", lambda v: v[0], "+", p2)]
     if not with_change:
-        return q_text + f" How many dollars does {n} spend?", steps, total
+        lines, res = _steps(*specs)
+        return q_text + f" How many dollars does {n} spend?", lines, res[-1]
+    total = q * p + p2
     bill = r.choice([b for b in (20, 50, 100, 200) if b >= total])
-    steps.append(f"Change from ${bill}: {bill} - {total} = {bill - total}.")
-    return q_text + f" {n} pays with a ${bill} bill. How many dollars of change does {n} get?", steps, bill - total
+    lines, res = _steps(*specs, (f"Change from ${bill}", bill, "-", lambda v: v[1]))
+    return q_text + f" {n} pays with a ${bill} bill. How many dollars of change does {n} get?", lines, res[-1]
 
 
 def level4(r):
@@ -93,17 +167,18 @@ def level4(r):
         return _shop(r, with_change=r.random() < 0.5)
     if kind == 1:
         n, k, a, y = r.choice(NAMES), r.randint(2, 5), r.randint(3, 12), r.randint(2, 10)
-        return (f"{n} is {k} times as old as a cousin who is {a}. How old will {n} be in {y} years?",
-                [f"Now {n} is {k} × {a} = {k * a}.", f"In {y} years: {k * a} + {y} = {k * a + y}."], k * a + y)
+        lines, res = _steps((f"Now {n} is", k, "×", a), (f"In {y} years", lambda v: v[0], "+", y))
+        return f"{n} is {k} times as old as a cousin who is {a}. How old will {n} be in {y} years?", lines, res[-1]
     if kind == 2:
-        rate, m, s = r.randint(3, 25), r.randint(2, 12), r.randint(5, 60)
+        rate, m, s = r.randint(3, 25), r.randint(2, 9), r.randint(5, 60)
+        lines, res = _steps(("The pump adds", rate, "×", m), ("Total", s, "+", lambda v: v[0]))
         return (f"A tank holds {s} liters. A pump adds {rate} liters per minute for {m} minutes. How many liters are "
-                f"in the tank now?", [f"The pump adds {rate} × {m} = {rate * m} liters.",
-                                      f"Total: {s} + {rate * m} = {s + rate * m}."], s + rate * m)
+                f"in the tank now?", lines, res[-1])
     n, p1, d1, p2, d2 = r.choice(NAMES), r.randint(5, 30), r.randint(2, 7), r.randint(5, 30), r.randint(2, 7)
+    lines, res = _steps(("First part", p1, "×", d1), ("Second part", p2, "×", d2),
+                        ("Total", lambda v: v[0], "+", lambda v: v[1]))
     return (f"{n} reads {p1} pages a day for {d1} days, then {p2} pages a day for {d2} days. How many pages is that?",
-            [f"First part: {p1} × {d1} = {p1 * d1}.", f"Second part: {p2} × {d2} = {p2 * d2}.",
-             f"Total: {p1 * d1} + {p2 * d2} = {p1 * d1 + p2 * d2}."], p1 * d1 + p2 * d2)
+            lines, res[-1])
 
 
 def level5(r):
@@ -113,23 +188,23 @@ def level5(r):
         q1, p1, q2, p2 = r.randint(2, 6), r.randint(2, 12), r.randint(2, 6), r.randint(2, 12)
         t = q1 * p1 + q2 * p2
         bill = r.choice([b for b in (50, 100, 200) if b >= t])
+        lines, res = _steps((f"{i1.capitalize()}s", q1, "×", p1), (f"{i2.capitalize()}s", q2, "×", p2),
+                            ("Total", lambda v: v[0], "+", lambda v: v[1]), ("Change", bill, "-", lambda v: v[2]))
         return (f"{n} buys {q1} {i1}s at ${p1} each and {q2} {i2}s at ${p2} each, and pays with ${bill}. How many "
-                f"dollars of change does {n} get?",
-                [f"{i1.capitalize()}s: {q1} × {p1} = {q1 * p1}.", f"{i2.capitalize()}s: {q2} × {p2} = {q2 * p2}.",
-                 f"Total: {q1 * p1} + {q2 * p2} = {t}.", f"Change: {bill} - {t} = {bill - t}."], bill - t)
+                f"dollars of change does {n} get?", lines, res[-1])
     if kind == 1:  # 3 steps
         a, b, c = r.sample(NAMES, 3)
         x, d = r.randint(4, 15), r.randint(2, 9)
+        lines, res = _steps((b, x, "+", d), (c, 2, "×", lambda v: v[0]), ("Sum", x, "+", lambda v: v[0]),
+                            ("Sum", lambda v: v[2], "+", lambda v: v[1]))
         return (f"{a} is {x} years old. {b} is {d} years older than {a}, and {c} is twice as old as {b}. What is the "
-                f"sum of their three ages?", [f"{b}: {x} + {d} = {x + d}.", f"{c}: 2 × {x + d} = {2 * (x + d)}.",
-                f"Sum: {x} + {x + d} + {2 * (x + d)} = {x + 3 * (x + d)}."], x + 3 * (x + d))
+                f"sum of their three ages?", lines, res[-1])
     h1, s1, h2, s2 = r.randint(2, 5), r.randint(30, 90), r.randint(1, 4), r.randint(30, 90)
     back = r.randint(10, h1 * s1 + h2 * s2 - 1)
-    d = h1 * s1 + h2 * s2
+    lines, res = _steps(("First leg", h1, "×", s1), ("Second leg", h2, "×", s2),
+                        ("Out", lambda v: v[0], "+", lambda v: v[1]), ("After driving back", lambda v: v[2], "-", back))
     return (f"A car drives {h1} hours at {s1} km per hour, then {h2} hours at {s2} km per hour, then drives {back} km "
-            f"back. How far from the start is it, in km?", [f"First leg: {h1} × {s1} = {h1 * s1}.",
-            f"Second leg: {h2} × {s2} = {h2 * s2}.", f"Out: {h1 * s1} + {h2 * s2} = {d}.",
-            f"After driving back: {d} - {back} = {d - back}."], d - back)
+            f"back. How far from the start is it, in km?", lines, res[-1])
 
 
 LEVELS = {1: level1, 2: level2, 3: level3, 4: level4, 5: level5}
@@ -137,9 +212,10 @@ LEVELS = {1: level1, 2: level2, 3: level3, 4: level4, 5: level5}
 
 def make_problem(r: random.Random, level: int) -> dict:
     question, steps, answer = LEVELS[level](r)
+    last = steps[-1].split(": ")[-1].removeprefix("So ").rstrip(".")  # the last operation, 'a op b = answer'
     return {"category": "math", "question": question, "answer": str(answer), "difficulty": level,
             "think": "\n".join(steps), "final": f"So the answer is \\boxed{{{answer}}}.",
-            "short": f"The answer is \\boxed{{{answer}}}."}
+            "short": f"{last}, so the answer is \\boxed{{{answer}}}."}
 
 
 def _by_level(n: int, rng: random.Random, levels, heldout: bool) -> list[dict]:

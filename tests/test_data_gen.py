@@ -1,6 +1,7 @@
 """data_gen: the record schema, generators, rejection sampling, splits and the distillation text mix."""
 
 import json
+import random
 import re
 
 import pytest
@@ -98,10 +99,26 @@ def test_math_answers_are_exact_and_responses_well_formed():
         assert answer_correct(on["output"], p["answer"]) and answer_correct(off["output"], p["answer"])
         last = re.findall(r"= (-?\d+)", p["think"])[-1]  # the worked steps end at the answer
         assert last == p["answer"]
-        steps = p["think"].count("\n") + 1
-        assert {4: 2 <= steps <= 3, 5: 3 <= steps <= 4}.get(p["difficulty"], True), p
-        assert len(on["output"]) < 320  # short traces: the CPU budget is tiny
+        for lhs, rhs in re.findall(r"(\d[\d ×+-]*?) = (\d+)", p["think"]):  # every line's arithmetic is right
+            assert eval(lhs.replace("×", "*")) == int(rhs), (lhs, rhs, p["think"])
+        assert len(on["output"]) < 640  # traces fit the eval's 320 new tokens (~2 characters per token)
     assert generate_math(100, seed=3) == ps and generate_math(100, seed=4) != ps
+
+
+def test_column_arithmetic_traces():
+    from data_gen.math_problems import calc
+    assert calc(47, "+", 38) == (["7 + 8 = 15, so far 5, carry 1.", "4 + 3 + 1 = 8, so far 85.",
+                                  "So 47 + 38 = 85."], 85)
+    assert calc(52, "-", 38)[0][:2] == ["12 - 8 = 4, so far 4, borrow 1.", "5 - 1 - 3 = 1, so far 14."]
+    assert calc(23, "×", 7)[0][:2] == ["3 × 7 = 21, so far 1, carry 2.", "2 × 7 + 2 = 16, so far 161."]
+    assert calc(6, "×", 7) == (["6 × 7 = 42."], 42)
+    r = random.Random(0)
+    for _ in range(300):  # the digits written so far always spell the result
+        a, b, d = r.randint(0, 9999), r.randint(0, 9999), r.randint(2, 9)
+        for x, op, y in ((a, "+", b), (max(a, b), "-", min(a, b)), (a, "×", d)):
+            lines, v = calc(x, op, y)
+            if len(lines) > 1:
+                assert int(re.findall(r"so far (\d+)", lines[-2])[0]) == v == eval(f"{x}{op}{y}".replace("×", "*"))
 
 
 def test_eval_set_is_fixed_and_disjoint_from_training_problems():

@@ -173,3 +173,15 @@ def test_packed_4d_mask_matches_separate_sequences():
         out = model(packed, attention_mask=mask, position_ids=pos).logits
         assert torch.allclose(out[:, :5], model(a).logits, atol=1e-5)
         assert torch.allclose(out[:, 5:], model(b).logits, atol=1e-5)
+
+
+def test_loss_only_on_labeled_positions_matches_full_loss():
+    model = tiny_model(blocks=VARIANTS, num_layers=len(VARIANTS))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt
+    full = model(input_ids=ids, labels=labels)
+    fast = model(input_ids=ids, labels=labels, return_logits=False)
+    assert fast.logits is None and torch.allclose(full.loss, fast.loss, atol=1e-6)
+    fast.loss.backward()
+    assert all(p.grad is not None for p in model.lm_head.parameters())
