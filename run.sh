@@ -54,7 +54,7 @@ stage sft           "$R/sft/COMPLETED"             $PY 05_sft.py --init "$R/dist
                       --max-steps 12,36,12 --lr 3e-4,2e-4,1e-4 --seq-len 512 --grad-accum 1 --eval-problems 32
 # ... and LN-Nano's path, SFT from the parent directly (same data, budget and problems)
 stage sft_parent    "$R/sft_parent/COMPLETED"      $PY 05_sft.py --init "$R/parent" --data "$D" --out "$R/sft_parent" \
-                      --max-steps 12,36,12 --lr 3e-4,2e-4,1e-4 --seq-len 512 --grad-accum 1 --eval-problems 32 \
+                      --max-steps 6,42,12 --lr 3e-4,2e-4,1e-4 --seq-len 512 --grad-accum 1 --eval-problems 32 \
                       --metrics-name sft_parent
 
 # the final model through the whole evaluation suite against the parent (text, toggle, IF, speed)
