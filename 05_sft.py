@@ -7,7 +7,7 @@ LN-Nano's staged curriculum (REFERENCE.md "SFT and the reasoning toggle"):
 Token-level cross entropy on assistant tokens only; examples packed into fixed-length rows with
 positions and attention kept within each example; warmup + cosine per stage; bf16 autocast.
 
-    python 05_sft.py --init runs/smol/parent --data data/smol --out runs/smol/sft          # CPU, ~15 min
+    python 05_sft.py --init runs/smol/parent --data data/smol --out runs/smol/sft_parent --max-steps 6,42,12 --lr 3e-4,2e-4,1e-4 --grad-accum 1 --eval-problems 32 --metrics-name sft_parent   # CPU, ~22 min
     torchrun --standalone --nproc_per_node 8 05_sft.py --init ... --seq-len 4096 --epochs 1,1,1 --batch-size 8
     python 05_sft.py --init runs/smol/parent --data data/smol --out /tmp/sft --max-steps 2,2,2 --eval-problems 8
 """
