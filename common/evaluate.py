@@ -271,7 +271,7 @@ def speed_eval(model, parent=None, batch_sizes=(1, 16), prompt_len: int = 128, g
 
 # Sized for a 2-core CPU (~3 min on the 135M parent in float32): one generation batch per suite (a rambling
 # model runs every row to the limit, so one batch of 32 beats two of 16), limits above the data_gen targets
-# (worked math solutions ~60 tokens, instruction answers ~50).
+# (worked math solutions ~120 tokens, the longest ~320; instruction answers ~50).
 FULL = dict(text_seqs=32, seq_len=256, gen_problems=30, if_problems=12, max_new_tokens_on=320,
             max_new_tokens_off=80, gen_batch_size=32, speed_batch_sizes=(1, 16), speed_prompt_len=128,
             speed_gen_len=32, speed_repeats=3)

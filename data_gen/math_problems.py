@@ -95,8 +95,9 @@ def calc(a: int, op: str, b: int) -> tuple[list[str], int]:
 def step(label: str, a: int, op: str, b: int) -> tuple[list[str], int]:
     """One step of a word problem: '<label>: a op b.' then its worked lines."""
     lines, r = calc(a, op, b)
-    return ([f"{label}: {a} {op} {b}."] if len(lines) > 1 else []) + \
-        ([f"{label}: {lines[0]}"] if len(lines) == 1 else lines), r
+    if len(lines) == 1:  # a one-digit fact: 'Multiply first: 3 × 5 = 15.'
+        return [f"{label}: {lines[0]}"], r
+    return [f"{label}: {a} {op} {b}."] + lines, r
 
 
 def level1(r):

@@ -101,6 +101,8 @@ def test_math_answers_are_exact_and_responses_well_formed():
         assert last == p["answer"]
         for lhs, rhs in re.findall(r"(\d[\d ×+-]*?) = (\d+)", p["think"]):  # every line's arithmetic is right
             assert eval(lhs.replace("×", "*")) == int(rhs), (lhs, rhs, p["think"])
+        tail = re.escape(f" = {p['answer']}, so the answer is \\boxed{{{p['answer']}}}.")
+        assert re.fullmatch(r"\d[\d ×+-]*" + tail, off["output"]), off  # "off": the last operation, then the answer
         assert len(on["output"]) < 640  # traces fit the eval's 320 new tokens (~2 characters per token)
     assert generate_math(100, seed=3) == ps and generate_math(100, seed=4) != ps
 
