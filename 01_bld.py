@@ -17,6 +17,7 @@ same batch and trains only its share; rank 0 gathers the library. Output: <out>/
 """
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -26,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from common.data import text_chunks
+from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoint, write_json_atomic, write_metrics
+from common.cli import int_list, nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
+from common.data import load_text_documents, text_chunks
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, resolve_dtype, shard_list
 from common.tracking import add_wandb_args, init_wandb
-from common.checkpoint import CheckpointError, load_checkpoint, read_json, write_json_atomic, write_metrics
 from common.losses import normalized_mse
 from common.model import ffn_mult_to_intermediate_size
-from common.optim import latest_state, load_train_state, lr_at, make_adamw, save_train_state, set_lr
+from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
+from common.resume import RunStates
 from common.puzzle import (SUBBLOCKS, Subblock, attention_variants, ffn_variants, load_variant_state,
                            parent_subblock_state, set_subblock, subblock_params, variant_key, variant_path)
 
@@ -46,33 +49,39 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="library directory, e.g. runs/smol/library")
     p.add_argument("--data", default=None, help="local .txt/.jsonl ('text' field); default: the distillation mix")
     # search space (per layer)
-    p.add_argument("--kv-heads", default="auto", help="fewer-KV-head variants, comma list ('auto' = every divisor)")
-    p.add_argument("--ffn-widths", default="auto", help="narrower FFN widths, multiples of 256 ('auto' = all)")
+    p.add_argument("--kv-heads", type=auto_or_list, default="auto",
+                   help="fewer-KV-head variants, comma list ('auto' = every divisor)")
+    p.add_argument("--ffn-widths", type=auto_or_list, default="auto",
+                   help="narrower FFN widths, multiples of 256 ('auto' = all)")
     p.add_argument("--no-linear", action="store_true", help="drop the linear-replacement variants")
     p.add_argument("--no-noop", action="store_true", help="drop the no_op variants")
     p.add_argument("--linear-init", default="lstsq", choices=["lstsq", "weights"], help="least squares or W_o@W_v")
-    p.add_argument("--calib-seqs", type=int, default=8, help="sequences for channel scores / least squares")
+    p.add_argument("--calib-seqs", type=positive_int, default=8, help="sequences for channel scores / least squares")
     # BLD
-    p.add_argument("--num-seqs", type=int, default=96, help="training sequences (CPU budget; Puzzle used ~1B tokens)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4, help="Puzzletron BLD: 1e-4")
-    p.add_argument("--warmup-frac", type=float, default=0.1)
-    p.add_argument("--min-lr-frac", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--val-seqs", type=int, default=4, help="BLD validation sequences (loss before/after)")
+    p.add_argument("--num-seqs", type=positive_int, default=96,
+                   help="training sequences (CPU budget; Puzzle used ~1B tokens)")
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--epochs", type=positive_int, default=1)
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="Puzzletron BLD: 1e-4")
+    p.add_argument("--warmup-frac", type=prob, default=0.1)
+    p.add_argument("--min-lr-frac", type=prob, default=0.1)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.1)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--val-seqs", type=positive_int, default=4, help="BLD validation sequences (loss before/after)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="autocast compute dtype (auto: bf16 on CUDA / bf16-capable CPUs, else float32)")
-    p.add_argument("--save-every", type=int, default=20, help="steps between resume states (-1 = never)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=off_or(positive_int), default=20,
+                   help="steps between resume states (-1 = never)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.state/ (the same arguments; --epochs, "
+                   "--lr, --dtype, --save-every and the scoring sizes may change)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     # replace-one-block scoring
-    p.add_argument("--score-seqs", type=int, default=8, help="held-out sequences for replace-one-block scores")
-    p.add_argument("--score-seq-len", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--run-dir", default=None, help="where metrics/bld.json goes (default: parent of --out)")
+    p.add_argument("--score-seqs", type=positive_int, default=8, help="held-out sequences for replace-one-block scores")
+    p.add_argument("--score-seq-len", type=positive_int, default=128)
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--run-dir", default=None, help="where metrics/ goes (default: parent of --out)")
+    p.add_argument("--metrics-name", default="bld", help="metrics/<this>.json")
     add_wandb_args(p)
     return p.parse_args(argv)
 
@@ -82,8 +91,9 @@ def die(msg):
     sys.exit(1)
 
 
-def parse_int_list(s, auto):
-    return auto if s == "auto" else ([int(v) for v in s.split(",") if v.strip()] if s.strip() else [])
+def auto_or_list(s):
+    """'auto' or a comma list of positive integers (possibly empty: no such variants)."""
+    return s if s == "auto" else int_list(1)(s)
 
 
 def load_documents(path, split):
@@ -91,14 +101,18 @@ def load_documents(path, split):
     if path is None:
         from data_gen.text import distill_documents
         return distill_documents(split)
-    if not os.path.isfile(path):
-        die(f"--data {path} does not exist; give a local .txt or .jsonl file (or omit it for the distillation mix)")
-    from datasets import load_dataset
-    ds = load_dataset("json" if path.endswith((".json", ".jsonl")) else "text", data_files=path, split="train")
-    if "text" not in ds.column_names:
-        die(f"--data {path} has no 'text' field (columns: {ds.column_names})")
-    docs = [t for t in ds["text"] if t and t.strip()]
+    try:
+        docs = load_text_documents(path)
+    except ValueError as e:
+        die(str(e))
     return [d for i, d in enumerate(docs) if (i % 10 == 0) == (split == "heldout")]
+
+
+def chunks_of(tokenizer, docs, seq_len, what):
+    try:
+        return torch.as_tensor(text_chunks(tokenizer, docs, seq_len))
+    except ValueError:
+        die(f"the {what} text makes no sequence of {seq_len} tokens; give more --data or a shorter length")
 
 
 # ----------------------------------------------------------------------------
@@ -255,11 +269,18 @@ def main(argv=None):
     user_config = vars(args).copy()
     torch.set_num_threads(args.threads)
     ddp, rank, local_rank, world_size, device = compute_init()
-    if os.path.exists(os.path.join(args.out, "library.json")):
-        die(f"{args.out} is already a finished library; choose another --out or delete it")
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
     work = args.out.rstrip("/") + ".partial"  # variants land here; renamed to --out when everything is written
-    state_dir = os.path.join(args.out.rstrip("/") + ".state", f"rank{rank}")
+    if args.num_seqs < args.batch_size:
+        die(f"--num-seqs {args.num_seqs} is less than one batch (--batch-size {args.batch_size}): BLD would take no "
+            f"step; raise --num-seqs or lower --batch-size")
+    try:  # before any work: --out free, states of this run only (one per rank: ranks train different variants)
+        run_states = RunStates(args.out, {**user_config, "world_size": world_size}, resume=args.resume, keep=1,
+                               budget_keys=("epochs", "save_every", "dtype", "score_seqs", "score_seq_len"),
+                               shard=f"rank{rank}")
+        check_metrics_free(run_dir, args.metrics_name, args.out)
+    except CheckpointError as e:
+        die(str(e))
     if os.path.isdir(work) and not args.resume and rank == 0:
         shutil.rmtree(work)
     if ddp:
@@ -283,9 +304,10 @@ def main(argv=None):
     H, pkv = config.num_attention_heads, config.num_attention_heads // config.block_configs[0].attention.n_heads_in_group
     pw = ffn_mult_to_intermediate_size(config.block_configs[0].ffn.ffn_mult, config.hidden_size)
     try:
-        space = {"attention": attention_variants(config, parse_int_list(args.kv_heads, [d for d in range(1, pkv) if
-                                                 pkv % d == 0 and H % d == 0]), not args.no_linear, not args.no_noop),
-                 "ffn": ffn_variants(config, parse_int_list(args.ffn_widths, list(range(256, pw, 256))),
+        auto_kv, auto_w = [d for d in range(1, pkv) if pkv % d == 0 and H % d == 0], list(range(256, pw, 256))
+        space = {"attention": attention_variants(config, auto_kv if args.kv_heads == "auto" else args.kv_heads,
+                                                 not args.no_linear, not args.no_noop),
+                 "ffn": ffn_variants(config, auto_w if args.ffn_widths == "auto" else args.ffn_widths,
                                      not args.no_linear, not args.no_noop)}
     except ValueError as e:
         die(str(e))
@@ -305,7 +327,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------
     # Data: the distillation mix (train part) for BLD, the held-out part for scoring
     docs = load_documents(args.data, "train")
-    chunks = torch.as_tensor(text_chunks(tokenizer, docs, args.seq_len))
+    chunks = chunks_of(tokenizer, docs, args.seq_len, "training")
     need = args.num_seqs + args.val_seqs
     if len(chunks) < need:
         die(f"only {len(chunks)} training sequences of {args.seq_len} tokens in the data, need {need} "
@@ -341,10 +363,13 @@ def main(argv=None):
 
     optimizer = make_adamw(modules.named_parameters(), args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     curves, start = {k: [] for k in modules}, 0
-    if args.resume and (last := latest_state(state_dir)):
-        st = load_train_state(last, modules, optimizer)
+    if args.resume:
+        try:
+            st = run_states.load(modules, optimizer)
+        except CheckpointError as e:
+            die(str(e))
         start, curves = st["step"], {k: list(st["curves"][k]) for k in modules}
-        print0(f"resumed from {last} at step {start}/{total_steps}")
+        print0(f"resumed from {run_states.latest()} at step {start}/{total_steps}")
 
     # ------------------------------------------------------------------------
     # BLD loop
@@ -353,27 +378,30 @@ def main(argv=None):
         lr = lr_at(step, total_steps, args.lr, int(args.warmup_frac * total_steps), args.min_lr_frac * args.lr)
         set_lr(optimizer, lr)
         losses = bld_step(parent, batches[step], jobs_at, modules, autocast)
-        bad = [k for k, v in losses.items() if v != v]
-        if bad:
-            die(f"NaN BLD loss at step {step} for {bad[:3]}; lower --lr or use --dtype float32")
-        for m in modules.values():
-            torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip)
+        mean_loss = sum(losses.values()) / max(1, len(losses))
+        norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip) for m in modules.values()]
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        where = f"BLD step {step + 1}" + (f" for {bad[:3]}" if bad else "")
+        try:  # a NaN gradient with a finite loss must not reach the weights (and the next state)
+            check_finite_update(modules, mean_loss, torch.stack(norms).norm().item() if norms else 0.0,
+                                f"{where} (last good state: {run_states.latest() or 'none'})")
+        except NonFiniteError as e:
+            die(str(e))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for k, v in losses.items():
             curves[k].append(v)
         tokens_seen += batches[step].numel()
         tok_s = tokens_seen / (time.time() - t0)
-        mean_loss = sum(losses.values()) / max(1, len(losses))
         print0(f"step {step + 1}/{total_steps} | lr {lr:.2e} | mean BLD loss {mean_loss:.4f} | {tok_s:.0f} tok/s")
         wandb_run.log({"step": step + 1, "lr": lr, "bld/mean_loss": mean_loss, "bld/tok_per_s": tok_s,
                        **{f"bld/{k}": v for k, v in losses.items()}})
         if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            path = os.path.join(state_dir, f"step-{step + 1:06d}")
-            save_train_state(path, step + 1, modules, optimizer, curves=curves)
-            for old in os.listdir(state_dir):  # keep only the newest state (optimizer moments are large)
-                if old.startswith("step-") and os.path.join(state_dir, old) != path:
-                    shutil.rmtree(os.path.join(state_dir, old), ignore_errors=True)
+            try:
+                check_finite_weights(modules, f"BLD step {step + 1}")
+            except NonFiniteError as e:
+                die(str(e))
+            run_states.save(step + 1, modules, optimizer, curves=curves)  # keep=1: optimizer moments are large
     bld_time = time.time() - t0
     bld_tok_s = tokens_seen * 1.0 / bld_time if tokens_seen else 0.0
 
@@ -381,6 +409,10 @@ def main(argv=None):
     for i in range(0, len(val_ids), args.batch_size):
         for k, v in bld_step(parent, val_ids[i:i + args.batch_size], jobs_at, modules, autocast, train=False).items():
             val_final[k] = val_final.get(k, 0.0) + v * len(val_ids[i:i + args.batch_size]) / len(val_ids)
+    try:
+        check_finite_weights(modules, f"BLD step {total_steps}")
+    except NonFiniteError as e:
+        die(str(e))
     for key, m in modules.items():
         save_file({k: v.contiguous().cpu() for k, v in m.state_dict().items()}, variant_path(work, key))
     local = {k: {"loss_curve": curves[k], "val_loss_init": val_init[k], "val_loss_bld": val_final[k]} for k in modules}
@@ -390,7 +422,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------
     # Replace-one-block scores on held-out text (sharded over ranks like BLD)
     t1 = time.time()
-    held = torch.as_tensor(text_chunks(tokenizer, load_documents(args.data, "heldout"), args.score_seq_len))
+    held = chunks_of(tokenizer, load_documents(args.data, "heldout"), args.score_seq_len, "held-out")
     if len(held) < args.score_seqs:
         die(f"only {len(held)} held-out sequences of {args.score_seq_len} tokens, need --score-seqs {args.score_seqs}")
     held = held[:args.score_seqs].to(device)
@@ -436,7 +468,7 @@ def main(argv=None):
                                                              "held_out_tokens": held.numel()})
         write_json_atomic(os.path.join(work, "library.json"), library)
         os.replace(work, args.out)
-        shutil.rmtree(args.out.rstrip("/") + ".state", ignore_errors=True)
+        run_states.finish()
         trained = [e for e in lib_entries if "val_loss_bld" in e]
         improved = sum(e["val_loss_bld"] < e["val_loss_init"] for e in trained)
         metrics = {"variants": len(entries), "trained_variants": len(trained), "bld_steps": total_steps,
@@ -445,7 +477,7 @@ def main(argv=None):
                    "val_loss_bld_mean": sum(e["val_loss_bld"] for e in trained) / max(1, len(trained)),
                    "variants_improved_by_bld": improved, "score_seconds": score_time,
                    "parent_lm_loss": base["lm_loss"]}
-        write_metrics(run_dir, "bld", metrics)
+        write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
         wandb_run.log({f"summary/{k}": v for k, v in metrics.items()})
         # table: mean score per variant over layers
         print0(f"\n{'variant':<22}{'mean KL':>10}{'max KL':>10}{'top1':>8}{'BLD loss init→trained':>26}")

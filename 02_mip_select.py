@@ -37,10 +37,11 @@ from common.dist import print0, resolve_dtype, sync
 from common.evaluate import TextEval
 from common.tracking import add_wandb_args, init_wandb
 from common.checkpoint import CheckpointError, load_checkpoint, read_json, save_checkpoint, write_json_atomic
-from common.checkpoint import is_complete, write_metrics
+from common.checkpoint import check_metrics_free, check_out_free, write_metrics
+from common.cli import float_list, nonneg_int, off_or, positive_float, positive_int
 from common.fp8 import DTYPE_BYTES, kv_bytes_per_token
 from common.model import DeciLMConfig, DeciLMForCausalLM, num_params
-from common.puzzle import SUBBLOCKS, load_variant_state, set_subblock, variant_config_from_dict
+from common.puzzle import SUBBLOCKS, load_library, load_variant_state, set_subblock, variant_config_from_dict
 
 # ----------------------------------------------------------------------------
 # Arguments
@@ -52,36 +53,43 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="child checkpoint directory, e.g. runs/smol/child")
     p.add_argument("--parent", default=None, help="parent checkpoint (default: the one the library was built from)")
     # serving scenario (costs)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prefill", type=int, default=128, help="prompt tokens per sequence")
-    p.add_argument("--gen-len", type=int, default=64, help="generated tokens per sequence")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--prefill", type=positive_int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--gen-len", type=positive_int, default=64, help="generated tokens per sequence")
     p.add_argument("--kv-dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="KV cache dtype (fp8 = e4m3)")
-    p.add_argument("--kv-tokens", type=int, default=-1, help="cached tokens for memory (-1 = batch*(prefill+gen))")
-    p.add_argument("--weight-bytes", type=float, default=2.0, help="bytes per weight for memory (bf16 = 2)")
+    p.add_argument("--kv-tokens", type=off_or(positive_int), default=-1,
+                   help="cached tokens for memory (-1 = batch*(prefill+gen))")
+    p.add_argument("--weight-bytes", type=positive_float, default=2.0, help="bytes per weight for memory (bf16 = 2)")
     p.add_argument("--speed-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="dtype the runtimes are measured in (auto: bf16 where it is fast)")
-    p.add_argument("--cost-copies", type=int, default=4, help="k copies of the variant on top of the base block")
-    p.add_argument("--cost-repeats", type=int, default=5, help="median of this many timings")
-    p.add_argument("--cost-decode-steps", type=int, default=8, help="decode steps timed per block-cost run")
-    p.add_argument("--speed-repeats", type=int, default=3, help="paired parent/child timings per model (median)")
-    p.add_argument("--speed-decode-steps", type=int, default=16, help="decode steps timed per speed run (scaled)")
+    p.add_argument("--cost-copies", type=positive_int, default=4,
+                   help="k copies of the variant on top of the base block")
+    p.add_argument("--cost-repeats", type=positive_int, default=5, help="median of this many timings")
+    p.add_argument("--cost-decode-steps", type=positive_int, default=8, help="decode steps timed per block-cost run")
+    p.add_argument("--speed-repeats", type=positive_int, default=3,
+                   help="paired parent/child timings per model (median)")
+    p.add_argument("--speed-decode-steps", type=positive_int, default=16,
+                   help="decode steps timed per speed run (scaled)")
     p.add_argument("--remeasure", action="store_true", help="ignore the cost cache for this device and scenario")
     # constraints (-1 = off)
-    p.add_argument("--max-params", type=float, default=-1, help="max parameters; <= 1 means a fraction of the parent")
-    p.add_argument("--max-memory-gib", type=float, default=-1, help="max weights + KV cache in GiB")
-    p.add_argument("--min-speedup", type=float, default=-1, help="min throughput speedup over the parent")
-    p.add_argument("--max-latency", type=float, default=-1, help="max seconds for the scenario")
+    p.add_argument("--max-params", type=off_or(positive_float), default=-1,
+                   help="max parameters; <= 1 means a fraction of the parent")
+    p.add_argument("--max-memory-gib", type=off_or(positive_float), default=-1, help="max weights + KV cache in GiB")
+    p.add_argument("--min-speedup", type=off_or(positive_float), default=-1,
+                   help="min throughput speedup over the parent")
+    p.add_argument("--max-latency", type=off_or(positive_float), default=-1, help="max seconds for the scenario")
     # search
     p.add_argument("--score", default="kl", choices=["kl", "lm_loss"], help="replace-one-block score to minimize")
-    p.add_argument("--num-solutions", type=int, default=1)
-    p.add_argument("--min-hamming", type=int, default=2, help="min differing subblock choices between solutions")
-    p.add_argument("--time-limit", type=int, default=60, help="CBC seconds per solve")
-    p.add_argument("--sweep", default="", help="min-speedup values for the Pareto front, e.g. 1.25,1.5,2,2.5,3")
+    p.add_argument("--num-solutions", type=positive_int, default=1)
+    p.add_argument("--min-hamming", type=nonneg_int, default=2, help="min differing subblock choices between solutions")
+    p.add_argument("--time-limit", type=positive_int, default=60, help="CBC seconds per solve")
+    p.add_argument("--sweep", type=float_list(0, inclusive=False), default="",
+                   help="min-speedup values for the Pareto front, e.g. 1.25,1.5,2,2.5,3")
     p.add_argument("--no-baselines", action="store_true", help="skip greedy / depth / uniform / init-only")
     # evaluation
-    p.add_argument("--eval-seqs", type=int, default=8, help="held-out sequences for KL / accuracy")
-    p.add_argument("--eval-seq-len", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-seqs", type=positive_int, default=8, help="held-out sequences for KL / accuracy")
+    p.add_argument("--eval-seq-len", type=positive_int, default=128)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--run-dir", default=None, help="where metrics/ and costs/ go (default: parent of --out)")
     p.add_argument("--metrics-name", default="mip", help="metrics/<this>.json (one per child, e.g. mip_2x)")
     add_wandb_args(p)
@@ -220,14 +228,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # costs are measured where it runs
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
-    if os.path.exists(args.out):
-        die(f"{args.out} already exists ({'finished' if is_complete(args.out) else 'unfinished'}); "
-            f"choose another --out or delete it")
-    lib_json = os.path.join(args.library, "library.json")
-    if not os.path.isfile(lib_json) or not os.path.isfile(os.path.join(args.library, "scores.json")):
-        die(f"{args.library} is not a finished block library (no library.json/scores.json); run 01_bld.py first")
-    library, scores = read_json(lib_json), read_json(os.path.join(args.library, "scores.json"))["variants"]
-    try:
+    try:  # everything read from disk is checked before the search starts
+        check_out_free(args.out)
+        check_metrics_free(run_dir, args.metrics_name, args.out)
+        library, scores = load_library(args.library)
         parent, tokenizer = load_checkpoint(args.parent or library["parent"], device=device)
     except CheckpointError as e:
         die(str(e))
@@ -255,7 +259,10 @@ def main(argv=None):
     scenario = f"b{args.batch}-p{args.prefill}-g{args.gen_len}-{str(speed_dtype).removeprefix('torch.')}"
     cost_path = os.path.join(run_dir, "costs", f"{device_name(args.threads)}__{scenario}.json")
     if os.path.exists(cost_path) and not args.remeasure:
-        costs = read_json(cost_path)
+        try:
+            costs = read_json(cost_path)
+        except CheckpointError:
+            die(f"the runtime cost cache {cost_path} is damaged; pass --remeasure to measure the costs again")
         print0(f"runtime costs from cache {cost_path}")
     else:
         print0(f"measuring block runtimes for scenario {scenario} (k={args.cost_copies}, {args.cost_repeats} repeats)")
@@ -366,7 +373,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------
     # Sweep: the Pareto front (predicted quality vs measured speed)
     sweep = []
-    for v in [float(s) for s in args.sweep.split(",") if s.strip()]:
+    for v in args.sweep:
         ch, _ = solve_mip(items, L, score_of, constraints_for(v), args.time_limit)
         if ch is None:
             print0(f"  sweep {v}x: infeasible")
@@ -445,7 +452,7 @@ def main(argv=None):
                "params": main_row["params"], "kl": main_row["kl"], "next_token_acc": main_row["next_token_acc"],
                "next_token_acc_retention": main_row["next_token_acc"] / max(1e-9, pq["next_token_acc"]),
                "top1_agreement": main_row["top1_agreement"], "baselines": baselines, "sweep": sweep}
-    write_metrics(run_dir, args.metrics_name, metrics)
+    write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
     wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, float)})
     print0(f"\nscenario: batch {args.batch}, prefill {args.prefill}, generate {args.gen_len}, KV {args.kv_dtype}; "
            f"parent {parent_s:.2f}s, acc {pq['next_token_acc']:.3f}")

@@ -23,7 +23,8 @@ unfused model in the same run (decode latency at batch 1, prefill throughput).
     python 03_ffn_fusion.py --child /tmp/child --out /tmp/fused --calib-tokens 128 \\
         --eval-tokens 256 --levels 2 --speed-new-tokens 4 --wandb-mode disabled           # tiny smoke run
 
-Outputs: <out>/ (checkpoint + fusion.json + dependency_map.png), <run-dir>/metrics/ffn_fusion.json.
+Outputs: <out>/ (checkpoint + fusion.json + dependency_map.png), <run-dir>/metrics/<--metrics-name>.json
+(default ffn_fusion.json).
 """
 
 import argparse
@@ -35,7 +36,9 @@ import time
 
 import torch
 
-from common.checkpoint import CheckpointError, is_complete, load_checkpoint, load_meta, save_checkpoint, write_metrics
+from common.checkpoint import (CheckpointError, check_metrics_free, check_out_free, load_checkpoint, load_meta,
+                               save_checkpoint, write_metrics)
+from common.cli import nonneg_float, nonneg_int, off_or, positive_int
 from common.model import (AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig,
                           intermediate_size_to_ffn_mult)
 
@@ -43,31 +46,47 @@ from common.model import (AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForC
 # Arguments
 
 
+def batch_x_len(s: str) -> str:
+    """'BxT' with B and T positive integers (e.g. 4x128)."""
+    parts = s.split("x")
+    if len(parts) != 2 or not all(v.isdigit() and int(v) > 0 for v in parts):
+        raise argparse.ArgumentTypeError(f"expected BATCHxLENGTH of positive numbers, e.g. 4x128; got {s!r}")
+    return s
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", required=True, help="checkpoint to fuse (02's child, or any of ours)")
     p.add_argument("--out", required=True, help="output checkpoint directory, e.g. runs/smol/fused")
     p.add_argument("--parent", default=None, help="reference for KL / retention (default: the child's meta 'parent')")
-    p.add_argument("--run-dir", default=None, help="where metrics/ffn_fusion.json goes (default: parent dir of --out)")
+    p.add_argument("--run-dir", default=None, help="where metrics/ goes (default: parent dir of --out)")
+    p.add_argument("--metrics-name", default="ffn_fusion", help="metrics/<this>.json")
     # which groups to fuse
-    p.add_argument("--threshold", type=float, default=-1.0, help="merge while the largest dependency <= this (-1 = off)")
-    p.add_argument("--target-depth", type=int, default=-1, help="merge until this many sequential subblocks remain (-1 = off)")
-    p.add_argument("--max-group-size", type=int, default=-1, help="most blocks in one fused FFN (-1 = no limit)")
+    p.add_argument("--threshold", type=off_or(nonneg_float), default=-1.0,
+                   help="merge while the largest dependency <= this (-1 = off)")
+    p.add_argument("--target-depth", type=off_or(positive_int), default=-1,
+                   help="merge until this many sequential subblocks remain (-1 = off)")
+    p.add_argument("--max-group-size", type=off_or(positive_int), default=-1,
+                   help="most blocks in one fused FFN (-1 = no limit)")
     # data
     p.add_argument("--map-all", action="store_true", help="dependency map over every layer (L^2/2 block forwards), "
                    "not only the attention-free runs")
-    p.add_argument("--calib-tokens", type=int, default=512, help="calibration tokens for the dependency map")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for KL / next-token accuracy")
-    p.add_argument("--levels", type=int, default=4, help="fusion levels in the quality table (merge-path points)")
+    p.add_argument("--calib-tokens", type=positive_int, default=512, help="calibration tokens for the dependency map")
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--eval-tokens", type=positive_int, default=4096,
+                   help="held-out tokens for KL / next-token accuracy")
+    p.add_argument("--levels", type=positive_int, default=4,
+                   help="fusion levels in the quality table (merge-path points)")
     # speed
-    p.add_argument("--speed-new-tokens", type=int, default=16, help="decode steps timed at batch 1 (0 = skip speed)")
-    p.add_argument("--speed-prefill", default="4x128", help="full batch x prompt length for the speed measure")
+    p.add_argument("--speed-new-tokens", type=nonneg_int, default=16,
+                   help="decode steps timed at batch 1 (0 = skip speed)")
+    p.add_argument("--speed-prefill", type=batch_x_len, default="4x128",
+                   help="full batch x prompt length for the speed measure")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="dtype for map, eval and speed (auto: bf16 on CUDA / bf16-capable CPUs, else float32)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     from common.tracking import add_wandb_args
     add_wandb_args(p)
     return p
@@ -259,11 +278,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
-    if is_complete(args.out):
-        sys.exit(f"error: {args.out} is already a finished checkpoint; choose another --out or delete it")
-    if os.path.exists(args.out):
-        sys.exit(f"error: {args.out} exists but is not a finished checkpoint; delete it and rerun")
     try:
+        check_out_free(args.out)
+        check_metrics_free(run_dir, args.metrics_name, args.out)
         meta = load_meta(args.child)
         parent_path = resolve_parent(args.child, meta, args.parent)
         load_meta(parent_path)
@@ -341,7 +358,7 @@ def main(argv=None):
     metrics = {"child": args.child, "fused": args.out, "depth_before": depth_before, "depth_after": depth_after,
                "layers_before": cfg.num_hidden_layers, "layers_after": fused.config.num_hidden_layers,
                "groups": groups, "quality_before": before, "quality_after": after, "speed": speed, "levels": levels}
-    write_metrics(run_dir, "ffn_fusion", metrics)
+    write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
     wandb_run.log({"fusion/depth_before": depth_before, "fusion/depth_after": depth_after,
                    **{f"fusion/before_{k}": v for k, v in before.items() if isinstance(v, float)},
                    **{f"fusion/after_{k}": v for k, v in after.items() if isinstance(v, float)},

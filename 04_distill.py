@@ -16,8 +16,10 @@ Packed sequences of the distillation mix (data_gen.text, kept apart from the eva
 text) or any text data set `datasets` can load (--data a .jsonl/.json/.txt/.parquet/.csv file or directory,
 --text-column). DDP under torchrun (FSDP2 with --fsdp), gradient accumulation, warmup + cosine, bf16
 autocast where supported, gradient clipping. A non-finite or exploding loss stops the run with a message and
-leaves the last good state in <out>.state/; --resume continues with the same schedule and data order;
---reset-optimizer resumes with fresh AdamW moments (what LN-Ultra needed after its gradient explosions).
+leaves the last good state in <out>.state/ (so does a finite loss whose gradient is not: NaN/inf never reaches
+the weights); --resume continues with the same schedule and data order (the same arguments, except the budget
+flags and --lr); --reset-optimizer resumes with fresh AdamW moments (what LN-Ultra needed after its gradient
+explosions). The last 3 states are kept; they are deleted once the checkpoint is saved.
 
     python 04_distill.py --student runs/smol/child --out runs/smol/distilled        # CPU: 96k tokens, ~10 min
     torchrun --standalone --nproc_per_node 8 04_distill.py --student runs/big/child --out runs/big/distilled \\
@@ -33,17 +35,19 @@ Outputs: <out>/ (checkpoint), <run-dir>/metrics/<--metrics-name>.json (default d
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
 
 import torch
 
-from common.checkpoint import CheckpointError, is_complete, load_checkpoint, load_meta, save_checkpoint, write_metrics
-from common.checkpoint import save_state as save_state_file
+from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, save_checkpoint,
+                               write_metrics)
+from common.cli import nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
+from common.data import load_text_documents
 from common.losses import cosine_hidden, forward_kl, lm_loss, reverse_kl
-from common.optim import latest_state, load_train_state, lr_at, make_adamw, set_lr
+from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
+from common.resume import RunStates
 
 LOSSES = ("fkl", "rkl", "cosine", "lm")
 
@@ -60,40 +64,47 @@ def build_parser():
     p.add_argument("--metrics-name", default="distill", help="metrics/<this>.json")
     # losses
     p.add_argument("--loss", default="cosine,fkl", help=f"comma-separated name[:weight], names {LOSSES}")
-    p.add_argument("--temperature", type=float, default=1.0, help="KL temperature (fkl, rkl)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="KL temperature (fkl, rkl)")
     p.add_argument("--cosine-on", default="auto", choices=["auto", "layers", "final"], help="matched hidden states")
     p.add_argument("--loss-ablation", default="", help="';'-separated --loss specs trained from the same init; "
                    "writes a table, no checkpoint (e.g. 'lm;fkl;cosine;cosine,fkl;cosine,fkl,lm')")
     # data
     p.add_argument("--data", default="mix", help="'mix' (data_gen.text distillation mix) or a local data set path")
     p.add_argument("--text-column", default="text")
-    p.add_argument("--seq-len", type=int, default=256, help="packed row length")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="packed row length")
     # optimization
-    p.add_argument("--tokens", type=int, default=98304, help="KD token budget (CPU: 96k tokens ~ 10 min)")
-    p.add_argument("--max-steps", type=int, default=-1, help="cap on KD optimizer steps (-1 = from --tokens)")
-    p.add_argument("--cpt-tokens", type=int, default=0, help="continued pretraining (LM loss) after KD (0 = off)")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch per rank")
-    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step per rank")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--cpt-lr", type=float, default=5e-5)
-    p.add_argument("--warmup-frac", type=float, default=0.1)
-    p.add_argument("--min-lr-frac", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--explode-factor", type=float, default=10.0, help="stop when loss > this x recent mean (-1 = off)")
+    p.add_argument("--tokens", type=positive_int, default=98304, help="KD token budget (CPU: 96k tokens ~ 10 min)")
+    p.add_argument("--max-steps", type=off_or(positive_int), default=-1,
+                   help="cap on KD optimizer steps (-1 = from --tokens)")
+    p.add_argument("--cpt-tokens", type=nonneg_int, default=0,
+                   help="continued pretraining (LM loss) after KD (0 = off)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="rows per micro-batch per rank")
+    p.add_argument("--grad-accum", type=positive_int, default=2, help="micro-batches per optimizer step per rank")
+    p.add_argument("--lr", type=positive_float, default=2e-4)
+    p.add_argument("--cpt-lr", type=positive_float, default=5e-5)
+    p.add_argument("--warmup-frac", type=prob, default=0.1)
+    p.add_argument("--min-lr-frac", type=prob, default=0.1)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.1)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--explode-factor", type=off_or(positive_float), default=10.0,
+                   help="stop when loss > this x recent mean (-1 = off)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="autocast compute dtype (auto: bf16 on CUDA / bf16-capable CPUs, else float32)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (resume then resets the optimizer)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads per process")
     # resume
-    p.add_argument("--save-every", type=int, default=20, help="optimizer steps between resume states (-1 = off)")
-    p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/")
+    p.add_argument("--save-every", type=off_or(positive_int), default=20,
+                   help="optimizer steps between resume states (-1 = off)")
+    p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/ (the same "
+                   "arguments; the budgets, --lr, --cpt-lr, --save-every and --reset-optimizer may change)")
     p.add_argument("--reset-optimizer", action="store_true", help="with --resume: fresh optimizer moments")
-    p.add_argument("--debug-nan-step", type=int, default=-1, help="testing: make the loss NaN at this step")
+    p.add_argument("--debug-nan-step", type=off_or(nonneg_int), default=-1,
+                   help="testing: make the loss NaN at this step (-1 = off)")
     # evaluation
-    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens at start and end (0 = skip)")
-    p.add_argument("--speed-new-tokens", type=int, default=0, help="decode steps for a speed check vs teacher (0 = skip)")
+    p.add_argument("--eval-tokens", type=nonneg_int, default=4096, help="held-out tokens at start and end (0 = skip)")
+    p.add_argument("--speed-new-tokens", type=nonneg_int, default=0,
+                   help="decode steps for a speed check vs teacher (0 = skip)")
     from common.tracking import add_wandb_args
     add_wandb_args(p)
     return p
@@ -134,19 +145,7 @@ def load_documents(data: str, text_column: str) -> list[str]:
     if data == "mix":
         from data_gen.text import distill_documents
         return distill_documents("train")
-    if not os.path.exists(data):
-        raise ValueError(f"--data {data!r} is neither 'mix' nor an existing file or directory")
-    import datasets
-    files = data if os.path.isfile(data) else sorted(os.path.join(data, f) for f in os.listdir(data))
-    first = files if isinstance(files, str) else files[0]
-    ext = first.rsplit(".", 1)[-1]
-    kind = {"jsonl": "json", "json": "json", "txt": "text", "parquet": "parquet", "csv": "csv"}.get(ext)
-    if kind is None:
-        raise ValueError(f"--data {data!r}: cannot tell the format from '.{ext}'; use jsonl, json, txt, parquet or csv")
-    ds = datasets.load_dataset(kind, data_files=files, split="train")
-    if text_column not in ds.column_names:
-        raise ValueError(f"--data {data!r} has no column {text_column!r} (columns {ds.column_names}); set --text-column")
-    return [t for t in ds[text_column] if t]
+    return load_text_documents(data, text_column)
 
 
 # ----------------------------------------------------------------------------
@@ -182,8 +181,8 @@ def main(argv=None):
     from common.tracking import init_wandb
 
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
-    state_dir = args.out.rstrip("/") + ".state"
     ablation = [s.strip() for s in args.loss_ablation.split(";") if s.strip()]
+    states = None  # the ablation keeps no resume states
     try:
         specs = [parse_losses(s) for s in (ablation or [args.loss])]
         cpt = {"lm": 1.0}
@@ -191,10 +190,11 @@ def main(argv=None):
             raise ValueError("--reset-optimizer only applies with --resume")
         if ablation and (args.resume or args.cpt_tokens):
             raise ValueError("--loss-ablation runs short KD trials from one init; drop --resume / --cpt-tokens")
-        if not ablation and is_complete(args.out):
-            raise ValueError(f"{args.out} is already a finished checkpoint; choose another --out or delete it")
-        if args.resume and not latest_state(state_dir):
-            raise ValueError(f"--resume: no finished state in {state_dir}; start without --resume")
+        if not ablation:  # --out free, and <out>.state/ holds only this run's states (budget flags may grow)
+            states = RunStates(args.out, user_config, resume=args.resume, keep=3, budget_keys=(
+                "tokens", "max_steps", "cpt_tokens", "cpt_lr", "save_every", "reset_optimizer", "debug_nan_step",
+                "explode_factor", "speed_new_tokens"))
+        check_metrics_free(run_dir, args.metrics_name, args.out)
         teacher_path = resolve_teacher(args.student, args.teacher)
         student_meta = load_meta(args.student)
     except (ValueError, CheckpointError) as e:
@@ -228,7 +228,11 @@ def main(argv=None):
     if len(rows) == 0:
         sys.exit(f"error: --data {args.data} gives no packed row of {args.seq_len} tokens; lower --seq-len")
     per_step = args.batch_size * args.grad_accum * world_size
-    kd_steps = max(1, args.tokens // (per_step * args.seq_len))
+    for flag, tokens in (("--tokens", args.tokens), ("--cpt-tokens", args.cpt_tokens or per_step * args.seq_len)):
+        if tokens < per_step * args.seq_len:  # a run of zero steps would save an untrained "distilled" checkpoint
+            sys.exit(f"error: {flag} {tokens} is less than one optimizer step ({per_step * args.seq_len} tokens = "
+                     f"batch-size x grad-accum x ranks x seq-len); raise {flag} or lower those")
+    kd_steps = args.tokens // (per_step * args.seq_len)
     kd_steps = min(kd_steps, args.max_steps) if args.max_steps > 0 else kd_steps
     cpt_steps = args.cpt_tokens // (per_step * args.seq_len) if args.cpt_tokens > 0 else 0
     phases = [("kd", kd_steps, args.lr)] + ([("cpt", cpt_steps, args.cpt_lr)] if cpt_steps else [])
@@ -271,7 +275,7 @@ def main(argv=None):
         optimizer = make_adamw(model.named_parameters(), args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
         start, history = 0, []
         if resume_from:
-            st = load_train_state(resume_from, None, optimizer if not (args.reset_optimizer or args.fsdp) else None)
+            st = states.load(None, optimizer if not (args.reset_optimizer or args.fsdp) else None)
             start, history = int(st["step"]), json.loads(st["history_json"])
             print0(f"resumed from {resume_from} at step {start}" + (" with a fresh optimizer" if args.reset_optimizer else ""))
         total = sum(s for _, s, _ in phases)
@@ -304,16 +308,19 @@ def main(argv=None):
                     parts_sum[k] = parts_sum.get(k, 0.0) + v / args.grad_accum
                 tokens += ids.numel() * world_size
             loss_val = all_reduce_mean(loss_sum).item() if world_size > 1 else loss_sum.item()
-            recent = [h["loss"] for h in history[-10:] if h["phase"] == name]
-            exploded = args.explode_factor > 0 and len(recent) >= 3 and loss_val > args.explode_factor * (sum(recent) / len(recent))
-            if not math.isfinite(loss_val) or exploded:
-                last = latest_state(state_dir)
-                what = "not finite" if not math.isfinite(loss_val) else f"exploding (> {args.explode_factor}x recent mean)"
-                sys.exit(f"error: {name} loss {loss_val:.4g} at step {step} is {what}; stopped without saving. "
-                         f"Last good state: {last or 'none (set --save-every)'}; rerun with --resume --reset-optimizer "
-                         f"and a lower --lr")
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             gnorm = gnorm.full_tensor().item() if hasattr(gnorm, "full_tensor") else gnorm.item()
+            last = (states.latest() if states else None) or "none (set --save-every)"
+            try:  # a NaN loss, or a NaN/inf gradient under a finite loss, never reaches the weights
+                check_finite_update(model, loss_val, gnorm, f"{name} step {step} (last good state: {last})")
+            except NonFiniteError as e:
+                sys.exit(f"error: {e}")
+            recent = [h["loss"] for h in history[-10:] if h["phase"] == name]
+            recent_mean = sum(recent) / max(1, len(recent))
+            if args.explode_factor > 0 and len(recent) >= 3 and loss_val > args.explode_factor * recent_mean:
+                sys.exit(f"error: {name} loss {loss_val:.4g} at step {step} is exploding (> {args.explode_factor}x "
+                         f"recent mean); stopped without saving. Last good state: {last}; rerun with --resume "
+                         f"--reset-optimizer and a lower --lr")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             history.append({"step": step, "phase": name, "loss": loss_val, "lr": lr, "grad_norm": gnorm, **parts_sum})
@@ -336,11 +343,12 @@ def main(argv=None):
     def save_state(model, optimizer, step, history):
         sd = full_state(model)
         if rank == 0:  # weights, AdamW moments, step, RNG, the loss curve so far and the start-of-run eval
-            state = {"step": step, "torch_rng": torch.get_rng_state(), "model": sd, "history_json": json.dumps(history),
-                     "before_json": json.dumps(before_box)}
-            if not args.fsdp:
-                state["optimizer"] = optimizer.state_dict()
-            save_state_file(os.path.join(state_dir, f"step-{step:06d}"), state)
+            try:
+                check_finite_weights(sd, f"{history[-1]['phase']} step {step - 1}")
+            except NonFiniteError as e:
+                sys.exit(f"error: {e}")
+            states.save(step, sd, None if args.fsdp else optimizer, history_json=json.dumps(history),
+                        before_json=json.dumps(before_box))
         if world_size > 1:
             torch.distributed.barrier()
 
@@ -358,7 +366,7 @@ def main(argv=None):
         if rank == 0:
             metrics = {"student": args.student, "teacher": teacher_path, "tokens_per_trial": kd_steps * per_step * args.seq_len,
                        "parent": parent_eval, "cosine_on": cosine_on, "table": table}
-            write_metrics(run_dir, args.metrics_name, metrics)
+            write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
             print(f"\nKD loss ablation ({metrics['tokens_per_trial']} tokens each, student {args.student})")
             print("| loss | KL(parent||model) | next-token acc | retention | top-1 agree | LM loss |")
             print("|---|---|---|---|---|---|")
@@ -372,20 +380,22 @@ def main(argv=None):
     # -------------------------------------------------------------------- KD (+ CPT), save
     resume_from = None
     if args.resume:
-        resume_from = latest_state(state_dir)
-        st = load_train_state(resume_from)  # weights before wrapping (DDP broadcasts, FSDP shards them)
+        resume_from = states.latest()
+        st = states.load()  # weights before wrapping (DDP broadcasts, FSDP shards them)
         student.load_state_dict(st["model"])
         before = json.loads(st.get("before_json", "{}"))
     else:
         before = evaluate(student)
     before_box.update(before)
-    if rank == 0 and not args.resume and args.save_every > 0:
-        os.makedirs(state_dir, exist_ok=True)
 
     history, model = train(student, specs[0], resume_from)
     sd = full_state(model)
     after, speed = {}, {}
     if rank == 0:
+        try:
+            check_finite_weights(sd, f"{history[-1]['phase']} step {history[-1]['step']}")
+        except NonFiniteError as e:
+            sys.exit(f"error: {e}")
         if args.fsdp:  # the trained module is sharded in place: evaluate and save an unsharded copy
             student = load_checkpoint(args.student, dtype=torch.float32, device=device, with_tokenizer=False)[0]
         student.load_state_dict(sd)
@@ -404,7 +414,8 @@ def main(argv=None):
         save_checkpoint(student, tokenizer, args.out, stage="distill", args=user_config,
                         meta={"parent": teacher_path, "input": args.student, "layer_map": layer_map,
                               "metrics": {k: metrics[k] for k in ("before", "after", "retention", "speed", "tokens")}})
-        write_metrics(run_dir, args.metrics_name, metrics)
+        write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
+        states.finish()
         wandb_run.log({**{f"eval/before_{k}": v for k, v in before.items()}, **{f"eval/after_{k}": v for k, v in after.items()}})
         print(f"\nGlobal KD {args.student} -> {args.out} ({metrics['tokens']} tokens, loss {args.loss}, cosine on {cosine_on})")
         print("| model | KL(parent||model) | next-token acc | retention | top-1 agree | LM loss |")

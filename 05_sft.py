@@ -10,6 +10,9 @@ positions and attention kept within each example; warmup + cosine per stage; bf1
     python 05_sft.py --init runs/smol/parent --data data/smol --out runs/smol/sft_parent --max-steps 6,42,12 --lr 3e-4,2e-4,1e-4 --grad-accum 1 --eval-problems 32 --metrics-name sft_parent   # CPU, ~22 min
     torchrun --standalone --nproc_per_node 8 05_sft.py --init ... --seq-len 4096 --epochs 1,1,1 --batch-size 8
     python 05_sft.py --init runs/smol/parent --data data/smol --out /tmp/sft --max-steps 2,2,2 --eval-problems 8
+    python 05_sft.py ... --resume       # continue a cut-off run from <out>.state/ (the last 3 states are kept)
+
+A non-finite loss or gradient stops the run before the optimizer step, so no saved state holds NaN weights.
 """
 
 import argparse
@@ -21,11 +24,15 @@ import time
 
 import torch
 
-from common.checkpoint import CheckpointError, is_complete, load_checkpoint, load_meta, save_checkpoint, write_metrics
-from common.data import collate, pack_examples, tokenize_sft_example
+from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoint, load_meta, save_checkpoint
+from common.checkpoint import write_metrics
+from common.cli import (float_list, fraction, int_list, nonneg_float, nonneg_int, off_or, positive_float,
+                        positive_int, prob)
+from common.data import IGNORE, collate, pack_examples, tokenize_sft_example
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, shard_list, wrap_ddp
 from common.evaluate import generation_eval
-from common.optim import latest_state, load_train_state, lr_at, make_adamw, save_train_state, set_lr
+from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
+from common.resume import RunStates
 from common.tracking import add_wandb_args, init_wandb
 from data_gen.math_problems import eval_problems
 from data_gen.records import load_records
@@ -38,45 +45,39 @@ p.add_argument("--init", required=True, help="checkpoint to fine-tune (the disti
 p.add_argument("--data", required=True, help="directory with train.jsonl / validation.jsonl from data_gen.build")
 p.add_argument("--out", required=True, help="output checkpoint directory, e.g. runs/smol/sft")
 # curriculum: one value per stage (reasoning-only, +non-reasoning, +chat/IF)
-p.add_argument("--epochs", default="1,1,1", help="epochs per stage")
-p.add_argument("--max-steps", default="-1,-1,-1", help="cap on optimizer steps per stage (-1 = no cap)")
-p.add_argument("--lr", default="1e-4,5e-5,2e-5", help="peak learning rate per stage (LN-Nano stage 1: 1e-4)")
-p.add_argument("--chat-fraction", type=float, default=0.25, help="stage 3: chat/IF share of the blend")
+p.add_argument("--epochs", type=int_list(1, n=3), default="1,1,1", help="epochs per stage")
+p.add_argument("--max-steps", type=int_list(-1, n=3), default="-1,-1,-1",
+               help="cap on optimizer steps per stage (-1 = no cap, 0 = skip the stage)")
+p.add_argument("--lr", type=float_list(0, n=3, inclusive=False), default="1e-4,5e-5,2e-5",
+               help="peak learning rate per stage (LN-Nano stage 1: 1e-4)")
+p.add_argument("--chat-fraction", type=fraction, default=0.25, help="stage 3: chat/IF share of the blend")
 # optimization
-p.add_argument("--seq-len", type=int, default=512, help="packed row length")
-p.add_argument("--batch-size", type=int, default=4, help="packed rows per micro-batch per rank")
-p.add_argument("--grad-accum", type=int, default=2)
-p.add_argument("--warmup-frac", type=float, default=0.1, help="LN-Ultra: 10%% warmup then cosine")
-p.add_argument("--min-lr-frac", type=float, default=0.1)
-p.add_argument("--weight-decay", type=float, default=0.0)
-p.add_argument("--grad-clip", type=float, default=1.0)
-p.add_argument("--max-train-examples", type=int, default=-1, help="cap on training records (-1 = all)")
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--save-every", type=int, default=50, help="optimizer steps between resume states")
-p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/")
+p.add_argument("--seq-len", type=positive_int, default=512, help="packed row length")
+p.add_argument("--batch-size", type=positive_int, default=4, help="packed rows per micro-batch per rank")
+p.add_argument("--grad-accum", type=positive_int, default=2)
+p.add_argument("--warmup-frac", type=prob, default=0.1, help="LN-Ultra: 10%% warmup then cosine")
+p.add_argument("--min-lr-frac", type=prob, default=0.1)
+p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+p.add_argument("--grad-clip", type=positive_float, default=1.0)
+p.add_argument("--max-train-examples", type=off_or(positive_int), default=-1, help="cap on training records (-1 = all)")
+p.add_argument("--seed", type=nonneg_int, default=0)
+p.add_argument("--save-every", type=off_or(positive_int), default=50,
+               help="optimizer steps between resume states (-1 = off)")
+p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/ (the same "
+               "arguments; --epochs, --max-steps, --lr and --save-every may change)")
 # evaluation
-p.add_argument("--eval-problems", type=int, default=64, help="held-out problems per mode (0 = skip)")
-p.add_argument("--eval-max-new-tokens", type=int, default=320, help="room for the longest worked solutions")
+p.add_argument("--eval-problems", type=nonneg_int, default=64, help="held-out problems per mode (0 = skip)")
+p.add_argument("--eval-max-new-tokens", type=positive_int, default=320, help="room for the longest worked solutions")
 p.add_argument("--run-dir", default=None, help="where metrics/sft.json goes (default: the parent of --out)")
 p.add_argument("--metrics-name", default="sft", help="metrics/<name>.json, e.g. sft_parent for SFT from the parent")
 add_wandb_args(p)
 args = p.parse_args()
 user_config = vars(args).copy()
-
-
-def per_stage(s, cast):
-    vals = [cast(v) for v in s.split(",")]
-    if len(vals) != 3:
-        sys.exit(f"error: expected 3 comma-separated values (one per SFT stage), got {s!r}")
-    return vals
-
-
-epochs, max_steps, lrs = per_stage(args.epochs, float), per_stage(args.max_steps, int), per_stage(args.lr, float)
+epochs, max_steps, lrs = args.epochs, args.max_steps, args.lr  # one value per curriculum stage
 run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
-state_dir = args.out.rstrip("/") + ".state"
-if is_complete(args.out):
-    sys.exit(f"error: {args.out} is already a finished checkpoint; choose another --out or delete it")
-try:
+try:  # before any work: --out free, <out>.state/ holds only this run's states, metrics/<name>.json is ours
+    states = RunStates(args.out, user_config, resume=args.resume, budget_keys=("epochs", "max_steps", "save_every"))
+    check_metrics_free(run_dir, args.metrics_name, args.out)
     init_meta = load_meta(args.init)
 except CheckpointError as e:
     sys.exit(f"error: {e}")
@@ -122,10 +123,36 @@ def packed_rows(recs, epoch_seed):
     ways, and the system prompt is the only thing that tells them apart."""
     groups = {}
     for r in recs:
-        groups.setdefault(r["id"], []).append(tokenize_sft_example(tokenizer, r, args.seq_len))
+        ex = tokenize_sft_example(tokenizer, r, args.seq_len)
+        if all(label == IGNORE for label in ex["labels"]):  # the response starts past --seq-len: nothing to learn
+            cut_off.add((r["id"], r["reasoning"]))
+            continue
+        groups.setdefault(r["id"], []).append(ex)
     order = list(groups.values())
     random.Random(epoch_seed).shuffle(order)
     return shard_list(pack_examples([e for g in order for e in g], args.seq_len), rank, world_size)
+
+
+# rows and steps of every stage up front (same order on resume): a budget that gives no step stops here
+cut_off = set()
+try:
+    stage_rows = [[row for e in range(epochs[s])
+                   for row in packed_rows(stage_records[s], epoch_seed=args.seed * 1000 + s * 100 + e)]
+                  for s in range(3)]
+except ValueError as e:
+    sys.exit(f"error: {e}")
+if cut_off:
+    print0(f"skipped {len(cut_off)} examples whose response starts after --seq-len {args.seq_len} tokens")
+per_step = args.batch_size * args.grad_accum
+stage_steps = [min(len(rows) // per_step, max_steps[s]) if max_steps[s] >= 0 else len(rows) // per_step
+               for s, rows in enumerate(stage_rows)]
+short = [s + 1 for s in range(3) if max_steps[s] != 0 and stage_steps[s] == 0]
+if not any(max_steps):  # zero steps would save an untrained "SFT" checkpoint
+    sys.exit("error: --max-steps 0,0,0 skips every SFT stage, so nothing would be trained; give a stage some steps")
+if short:
+    sys.exit(f"error: SFT stage(s) {short} get no optimizer step ({[len(r) for r in stage_rows]} packed rows per "
+             f"stage, {per_step} per step = --batch-size x --grad-accum); lower those, raise --epochs, or skip a "
+             f"stage with 0 in its place in --max-steps")
 
 
 # ----------------------------------------------------------------------------
@@ -155,21 +182,18 @@ raw_model = model
 model = wrap_ddp(model, device) if ddp else model
 optimizer = make_adamw(raw_model.named_parameters(), lrs[0], betas=(0.9, 0.95), weight_decay=args.weight_decay)
 start = {"stage": 0, "step": 0, "global_step": 0}
-if args.resume and (last := latest_state(state_dir)):
-    st = load_train_state(last, raw_model, optimizer)
-    start = {k: int(st[k]) for k in start}
-    before = st.get("before_eval_json") and json.loads(st["before_eval_json"]) or {}
-    print0(f"resumed from {last}: stage {start['stage'] + 1}, step {start['step']}")
+history, tokens_seen, seconds_before = [], 0, 0.0
+if args.resume:  # weights, moments, RNG, and the bookkeeping: loss history, tokens, wall time, the eval before
+    st = states.load(raw_model, optimizer)
+    start = {"stage": int(st["stage"]), "step": int(st["stage_step"]), "global_step": int(st["step"])}
+    history, tokens_seen = json.loads(st["history_json"]), int(st["tokens_seen"])
+    seconds_before, before = float(st["train_seconds"]), json.loads(st["before_eval_json"])
+    print0(f"resumed from {states.latest()}: stage {start['stage'] + 1}, step {start['step']}")
 
-history, t0, tokens_seen = [], time.time(), 0
+t0 = time.time() - seconds_before
 model.train()
 for s in range(start["stage"], 3):
-    rows = []
-    for e in range(max(1, int(round(epochs[s])))):
-        rows += packed_rows(stage_records[s], epoch_seed=args.seed * 1000 + s * 100 + e)
-    steps = len(rows) // (args.batch_size * args.grad_accum)
-    if max_steps[s] >= 0:
-        steps = min(steps, max_steps[s])
+    rows, steps = stage_rows[s], stage_steps[s]
     warmup = int(args.warmup_frac * steps)
     first = start["step"] if s == start["stage"] else 0
     print0(f"SFT stage {s + 1}: {len(stage_records[s])} records -> {len(rows)} packed rows/rank, {steps} steps, lr {lrs[s]}")
@@ -188,27 +212,37 @@ for s in range(start["stage"], 3):
             (out.loss / args.grad_accum).backward()
             loss_sum += out.loss.item() / args.grad_accum
             tokens_seen += int((batch["seq_ids"] >= 0).sum())
-        if not torch.isfinite(torch.tensor(loss_sum)):
-            sys.exit(f"error: non-finite SFT loss at stage {s + 1} step {step}; the last good state is in {state_dir}; "
-                     f"rerun with --resume and a lower --lr")
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
+        try:  # a NaN loss, or a NaN/inf gradient under a finite loss, never reaches the weights
+            check_finite_update(raw_model, loss_sum, gnorm, f"SFT stage {s + 1} step {step + 1} "
+                                f"(last good state: {states.latest() or 'none'})")
+        except NonFiniteError as e:
+            sys.exit(f"error: {e}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         start["global_step"] += 1
-        history.append({"stage": s + 1, "step": step, "loss": loss_sum})
+        history.append({"stage": s + 1, "step": step, "loss": loss_sum, "grad_norm": gnorm})
         wandb_run.log({"sft/loss": loss_sum, "sft/lr": lr, "sft/grad_norm": gnorm, "sft/stage": s + 1,
                        "sft/tok_per_s": tokens_seen / (time.time() - t0)}, step=start["global_step"])
         if step % 10 == 0 or step == steps - 1:
             print0(f"stage {s + 1} step {step + 1}/{steps} loss {loss_sum:.4f} lr {lr:.2e} "
                    f"{tokens_seen / (time.time() - t0):.0f} tok/s")
         if rank == 0 and args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < steps:
-            save_train_state(os.path.join(state_dir, f"step-{start['global_step']:06d}"), step + 1, raw_model, optimizer,
-                             stage=s, global_step=start["global_step"],
-                             before_eval_json=json.dumps(before))
+            try:
+                check_finite_weights(raw_model, f"SFT stage {s + 1} step {step + 1}")
+            except NonFiniteError as e:
+                sys.exit(f"error: {e}")
+            states.save(start["global_step"], raw_model, optimizer, stage=s, stage_step=step + 1,
+                        tokens_seen=tokens_seen, train_seconds=time.time() - t0, history_json=json.dumps(history),
+                        before_eval_json=json.dumps(before))
 
 # ----------------------------------------------------------------------------
 # Evaluate after, save, report
 
+try:
+    check_finite_weights(raw_model, "SFT")
+except NonFiniteError as e:
+    sys.exit(f"error: {e}")
 after = eval_both_modes(raw_model) if rank == 0 else {}
 parent_res = {}  # the table's reference row: the parent on the same problems (when SFT did not start from it)
 if rank == 0 and problems and parent_path and os.path.abspath(parent_path) != os.path.abspath(args.init):
@@ -229,7 +263,8 @@ if rank == 0:
             wandb_run.log({f"sft/samples_{mode}": table})
     save_checkpoint(raw_model, tokenizer, args.out, stage="sft", args=user_config,
                     meta={"parent": parent_path, "init": args.init, "metrics": metrics, "history": history})
-    write_metrics(run_dir, args.metrics_name, metrics)
+    write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
+    states.finish()
     print0(f"\n| mode | metric | {'parent':>8} | {'before':>8} | {'after':>8} |\n|---|---|---|---|---|")
     for mode in ("on", "off"):
         for k in ("accuracy", "accuracy_multistep", "format_compliance", "mean_response_tokens"):

@@ -57,7 +57,14 @@ stage sft_parent    "$R/sft_parent/COMPLETED"      $PY 05_sft.py --init "$R/pare
                       --max-steps 6,42,12 --lr 3e-4,2e-4,1e-4 --seq-len 512 --grad-accum 1 --eval-problems 32 \
                       --metrics-name sft_parent
 
-# the final model through the whole evaluation suite against the parent (text, toggle, IF, speed)
+# 06: reasoning RL (GRPO) on the line whose SFT model solves some prompts on this budget (LN-Nano's, from the
+# parent): pass-rate filter (8 samples per candidate), easy-to-hard curriculum, 4 prompts x 8 samples per rollout,
+# 2 optimizer steps per rollout; before/after accuracy on 100 held-out problems per mode
+stage grpo          "$R/grpo/COMPLETED"            $PY 06_grpo.py --policy "$R/sft_parent" --data "$D" --out "$R/grpo" \
+                      --num-prompts 64 --steps 12 --prompts-per-step 4 --group-size 8 --lr 2e-5 --eval-problems 100
+
+# the newest model of each line through the whole evaluation suite against the parent (text, toggle, IF, speed)
 stage eval_sft      "$R/metrics/sft_eval.json"     $PY -m common.evaluate --model "$R/sft" --parent "$R/parent" --stage sft_eval --run-dir "$R"
+stage eval_grpo     "$R/metrics/grpo_eval.json"    $PY -m common.evaluate --model "$R/grpo" --parent "$R/parent" --stage grpo_eval --run-dir "$R"
 
 $PY -m common.report --run-dir "$R"

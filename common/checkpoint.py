@@ -1,9 +1,10 @@
 """Checkpoints: HF save_pretrained (safetensors only) + meta.json + COMPLETED, written atomically.
 
 A stage writes into a temporary sibling directory and renames it into place, COMPLETED last, so a
-crash never leaves a half checkpoint that looks whole. Loaders read safetensors and JSON, never pickles.
-Training state for --resume (optimizer, step, RNG) is saved the same way: tensors in safetensors,
-everything else in JSON.
+crash never leaves a half checkpoint that looks whole. Loaders read safetensors and JSON, never pickles,
+and check them first: a directory that is not a finished checkpoint, or a truncated / invalid file in it,
+is one CheckpointError naming it. Training state for --resume (optimizer, step, RNG) is saved the same way:
+tensors in safetensors, everything else in JSON. metrics/<name>.json files record the --out they belong to.
 """
 
 import json
@@ -40,26 +41,93 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    """The parsed file; a file that is not UTF-8 JSON raises CheckpointError naming it (missing: FileNotFoundError)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore it or rerun the step "
+                              f"that wrote it") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text; restore it or rerun the step that wrote it") from None
+
+
+def check_safetensors(path: str) -> None:
+    """Raise CheckpointError unless `path` is a whole safetensors file (header readable, every tensor's bytes there).
+
+    Reads only the header, so it is cheap enough to run on every load; a truncated copy or a half-written file
+    fails here with its name instead of deep inside the loader."""
+    def bad(problem):
+        raise CheckpointError(f"{path} is {problem}; restore the file or rerun the step that wrote it")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            bad(f"truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        bad("not a safetensors file (unreadable header)")
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+    if 8 + n + max(ends, default=0) > size:
+        bad(f"truncated ({size} bytes, its header needs {8 + n + max(ends)})")
 
 
 def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, COMPLETED))
 
 
-def check_checkpoint(path: str) -> None:
-    """Raise CheckpointError with a one-line reason unless `path` is a finished checkpoint of ours."""
+def describe_dir(path: str) -> str:
+    """What an existing path is, in words, for messages: a finished checkpoint, an unfinished one, or neither."""
     if not os.path.isdir(path):
+        return "a file, not a directory"
+    if is_complete(path):
+        return "a finished checkpoint"
+    if os.path.isfile(os.path.join(path, "library.json")):
+        return "a finished block library"
+    if any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "meta.json")):
+        return f"an unfinished checkpoint (no {COMPLETED}: the stage that wrote it did not finish)"
+    return "not a checkpoint" + (" (an empty directory)" if not os.listdir(path) else "")
+
+
+def check_out_free(out: str) -> None:
+    """Call before any work: a stage never writes into an existing --out, so a long run cannot end unable to save."""
+    if os.path.exists(out):
+        what = describe_dir(out)
+        where = f"is already {what}" if what.startswith("a finished") else f"already exists and is {what}"
+        raise CheckpointError(f"--out {out} {where}; choose another --out or delete it")
+
+
+def check_checkpoint(path: str) -> None:
+    """Raise CheckpointError with a one-line reason unless `path` is a finished checkpoint of ours whose files are
+    whole: JSON files parse, safetensors files are complete."""
+    if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist; run the stage that writes it first (see README)")
-    if not is_complete(path):
+    what = describe_dir(path)
+    if what.startswith("an unfinished"):
         raise CheckpointError(f"checkpoint {path} has no {COMPLETED} marker: the stage that wrote it did not finish; "
                               f"rerun that stage (with --resume where it has one)")
-    cfg_path = os.path.join(path, "config.json")
-    model_type = read_json(cfg_path).get("model_type") if os.path.exists(cfg_path) else None
-    if model_type != "nemotron-nas":
+    if what != "a finished checkpoint":
+        raise CheckpointError(f"{path} is {what}; give a checkpoint directory written by a stage of this repo "
+                              f"(a local HF Llama converts with: python -m common.parent --from DIR --out DIR2)")
+    config = read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else {}
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "nemotron-nas":  # a Llama (or no config at all) is named before anything else is checked
         raise CheckpointError(f"{path} is not a nemotron-nas checkpoint (model_type={model_type!r}); convert a Llama "
                               f"with: python -m common.parent --from {path} --out DIR")
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        raise CheckpointError(f"checkpoint {path} has no meta.json; restore it or rerun the stage that wrote it")
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".json"):
+            read_json(os.path.join(path, name))
+        elif name.endswith(".safetensors"):
+            check_safetensors(os.path.join(path, name))
+    if not any(n.endswith(".safetensors") for n in os.listdir(path)):
+        raise CheckpointError(f"checkpoint {path} has no .safetensors weights; restore them or rerun the stage")
 
 
 def save_checkpoint(model, tokenizer, out: str, stage: str, args: dict | None = None, meta: dict | None = None,
@@ -70,9 +138,8 @@ def save_checkpoint(model, tokenizer, out: str, stage: str, args: dict | None = 
     written into the temporary directory, so they exist before COMPLETED does.
     """
     out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        state = "a finished checkpoint" if is_complete(out) else "a directory without COMPLETED"
-        raise CheckpointError(f"{out} already exists ({state}); choose another --out or delete it first")
+    if not overwrite:
+        check_out_free(out)
     tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -110,14 +177,49 @@ def load_checkpoint(path: str, dtype=torch.float32, device="cpu", with_tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_checkpoint(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # files whole but inconsistent
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"checkpoint {path} does not load ({type(e).__name__}: {first}); restore it or rerun "
+                              f"the stage that wrote it") from None
     return model, tokenizer
 
 
-def write_metrics(run_dir: str, stage: str, metrics: dict) -> str:
-    """runs/<name>/metrics/<stage>.json: each stage's headline numbers, read by the report."""
-    path = os.path.join(run_dir, "metrics", f"{stage}.json")
+# ----------------------------------------------------------------------------
+# metrics/<name>.json: each file records the --out it was written for, so another run cannot replace it
+
+
+def _metrics_path(run_dir: str, name: str) -> str:
+    return os.path.join(run_dir, "metrics", f"{name}.json")
+
+
+def check_metrics_free(run_dir: str, name: str, out: str) -> None:
+    """Call at the start of a stage: refuse when metrics/<name>.json exists and was written for another --out.
+
+    A rerun or a resumed run of the same --out may rewrite its own file; a file without an owner (older code, or
+    written by hand) counts as another run's."""
+    path = _metrics_path(run_dir, name)
+    if not os.path.exists(path):
+        return
+    try:
+        owner = read_json(path).get("_out")
+    except (CheckpointError, AttributeError):
+        owner = None
+    if owner != os.path.abspath(out):
+        raise CheckpointError(f"{path} already holds the metrics of {owner or 'another run'}; pass another "
+                              f"--metrics-name (--stage for common.evaluate) or --run-dir, or delete that file to "
+                              f"replace it")
+
+
+def write_metrics(run_dir: str, stage: str, metrics: dict, out: str | None = None) -> str:
+    """runs/<name>/metrics/<stage>.json: each stage's headline numbers, read by the report. With `out` (the stage's
+    --out) the file records its owner and is checked again, so only a run of the same --out ever replaces it."""
+    path = _metrics_path(run_dir, stage)
+    if out is not None:
+        check_metrics_free(run_dir, stage, out)
+        metrics = {**metrics, "_out": os.path.abspath(out)}
     write_json_atomic(path, metrics)
     return path
 
@@ -165,6 +267,15 @@ def save_state(path: str, state: dict) -> None:
 def load_state(path: str) -> dict:
     if not is_complete(path):
         raise CheckpointError(f"training state {path} is incomplete (no {COMPLETED}); delete it or start without --resume")
-    tensors = load_file(os.path.join(path, "tensors.safetensors"))
-    return _unflatten(read_json(os.path.join(path, "state.json")), tensors)
+    tensors_path, skeleton_path = os.path.join(path, "tensors.safetensors"), os.path.join(path, "state.json")
+    for f in (tensors_path, skeleton_path):
+        if not os.path.isfile(f):
+            raise CheckpointError(f"training state {path} has no {os.path.basename(f)}; delete the state to resume "
+                                  f"from an earlier one")
+    check_safetensors(tensors_path)
+    try:
+        return _unflatten(read_json(skeleton_path), load_file(tensors_path))
+    except (KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"training state {path} is damaged ({type(e).__name__}: {e}); delete it to resume from "
+                              f"an earlier state") from None
 

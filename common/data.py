@@ -1,5 +1,5 @@
 """Chat template with the reasoning toggle, SFT tokenization with a response-only loss mask, sequence packing,
-and fixed-length text chunks for BLD / KD.
+and fixed-length text chunks for BLD / KD from the distillation mix or a local data set (load_text_documents).
 
     msgs = build_messages(record, reasoning=True)           # system "detailed thinking on" + the user turns
     prompt = render_prompt(tokenizer, msgs)                 # the string a generator continues
@@ -9,6 +9,9 @@ and fixed-length text chunks for BLD / KD.
 
 The toggle is the system prompt, as in Llama-Nemotron: "detailed thinking on" / "detailed thinking off".
 """
+
+import json
+import os
 
 import torch
 
@@ -141,3 +144,69 @@ def text_chunks(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
         raise ValueError(f"text_chunks: {len(ids)} tokens make no chunk of {seq_len}; "
                          f"give more text or a shorter seq_len")
     return torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+# ----------------------------------------------------------------------------
+# Local text data sets (BLD, KD): every failure is one ValueError naming the file (and line) and the fix
+
+TEXT_FORMATS = {"jsonl": "json", "json": "json", "txt": "text", "parquet": "parquet", "csv": "csv"}
+
+
+def json_lines(path: str, parse: bool = True, fix: str = "re-encode the file as UTF-8"):
+    """(line number, parsed object) for every non-blank line of a JSON-lines (or, parse=False, text) file; the
+    first line that is not UTF-8 or not JSON raises ValueError naming file:line and the fix."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}); "
+                                 f"{fix}") from None
+            if not line.strip() or not parse:
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno}); fix or delete the "
+                                 f"line") from None
+
+
+def load_text_documents(path: str, text_column: str = "text") -> list[str]:
+    """The non-empty texts of a local data set: a .jsonl/.json/.txt/.parquet/.csv file or a directory of them
+    (`datasets` reads them). Bytes that are not UTF-8, a malformed JSON line, a missing column or no text at all
+    raise ValueError naming the file (and line)."""
+    if not os.path.exists(path):
+        raise ValueError(f"--data {path} does not exist; give a local .txt/.jsonl/.json/.parquet/.csv file or a "
+                         f"directory of them")
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path)
+        if not f.startswith(".") and os.path.isfile(os.path.join(path, f)))
+    if not files:
+        raise ValueError(f"--data {path} is an empty directory; put .txt/.jsonl/.json/.parquet/.csv files in it")
+    exts = sorted({f.rsplit(".", 1)[-1] if "." in os.path.basename(f) else "" for f in files})
+    kinds = {TEXT_FORMATS.get(e) for e in exts}
+    if None in kinds or len(kinds) > 1:
+        raise ValueError(f"--data {path}: cannot tell one format from {['.' + e for e in exts]}; use files of one of "
+                         f"{', '.join(TEXT_FORMATS)}")
+    kind = kinds.pop()
+    if kind != "parquet":
+        for f in files:
+            for _ in json_lines(f, parse=f.endswith(".jsonl")):
+                pass
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise ValueError(f"--data {path} is empty; give a file with text")
+    import datasets
+    try:
+        ds = datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as e:  # noqa: BLE001 (datasets wraps parser errors in its own types)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"--data {path} does not read as {kind} ({first}); fix the file or convert it to "
+                         f".jsonl") from None
+    if text_column not in ds.column_names:
+        raise ValueError(f"--data {path} has no column {text_column!r} (columns {ds.column_names}); "
+                         f"name the text column (--text-column where the stage has it)")
+    docs = [t for t in ds[text_column] if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise ValueError(f"--data {path} has no text in column {text_column!r} (only blank rows); give a file "
+                         f"with text")
+    return docs

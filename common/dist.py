@@ -60,6 +60,34 @@ def all_reduce_mean(x):
     return t if isinstance(x, torch.Tensor) else t.item()
 
 
+def all_reduce_sum(x: float) -> float:
+    """Sum of a float over ranks (the float itself without torchrun)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item()
+
+
+def all_reduce_grads(model) -> None:
+    """Sum every parameter's gradient over ranks in one flat buffer (a rank without a gradient adds zeros).
+    For updates whose ranks run different numbers of backward passes (RL after dropping zero-signal groups),
+    which DDP's per-backward hooks cannot follow; the loss is normalized by global totals beforehand."""
+    if not dist.is_initialized():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    i = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[i:i + n].view_as(p.grad))
+        i += n
+
+
 def wrap_ddp(model, device, find_unused_parameters: bool = False):
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [device.index] if device.type == "cuda" else None

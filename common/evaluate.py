@@ -25,7 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import CheckpointError, load_checkpoint, read_json, write_metrics
+from common.checkpoint import (CheckpointError, check_checkpoint, check_metrics_free, load_checkpoint, read_json,
+                               write_metrics)
+from common.cli import off_or, positive_int
 from common.dist import resolve_dtype, sync
 from common.generate import generate
 
@@ -155,7 +157,8 @@ def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max
     n = len(problems)
     out = {"n": n, "accuracy": sum(correct) / n, "format_compliance": sum(fmt) / n,
            "mean_response_tokens": sum(lengths) / n,
-           "truncated": sum(x >= max_new_tokens for x in lengths) / n}  # re-tokenized: approximate at the limit
+           "truncated": sum(x >= max_new_tokens for x in lengths) / n,  # re-tokenized: approximate at the limit
+           "correct": [bool(c) for c in correct]}  # per problem, in order: paired before/after comparisons
     math = [(p["difficulty"], ok) for p, ok in zip(problems, correct) if "difficulty" in p and not p.get("constraints")]
     if math:  # math: accuracy per difficulty level; "multistep" = levels >= 3 (two or more steps)
         levels = sorted({lv for lv, _ in math})
@@ -296,7 +299,7 @@ def _gen_suite(model, tokenizer, s: dict) -> dict:
 
 
 def _strip_samples(gen: dict) -> dict:
-    return {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in gen.items()}
+    return {k: {kk: vv for kk, vv in v.items() if kk not in ("samples", "correct")} for k, v in gen.items()}
 
 
 def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = None,
@@ -389,12 +392,19 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke runs, tests)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 on CUDA and bf16-capable CPUs, float32 otherwise")
-    p.add_argument("--threads", type=int, default=-1, help="torch CPU threads (-1: torch's default)")
+    p.add_argument("--threads", type=off_or(positive_int), default=-1, help="torch CPU threads (-1: torch's default)")
     # sizes (default: FULL, or QUICK with --quick); -1 keeps the default
     for k, v in FULL.items():
         if not isinstance(v, tuple):
-            p.add_argument("--" + k.replace("_", "-"), type=int, default=-1, help=f"default {v} (quick {QUICK[k]})")
+            p.add_argument("--" + k.replace("_", "-"), type=off_or(positive_int), default=-1,
+                           help=f"default {v} (quick {QUICK[k]})")
     args = p.parse_args(argv)
+    unknown = set(args.suites.split(",")) - {"text", "gen", "speed"}
+    if unknown:
+        p.error(f"argument --suites: unknown suite(s) {sorted(unknown)}; choose from text,gen,speed")
+    for path in (args.model, args.parent):  # everything is checked before the (long) evaluation starts
+        check_checkpoint(path)
+    check_metrics_free(args.run_dir, args.stage, args.model)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -415,7 +425,7 @@ def main(argv=None):
                                   parent_gen=parent_gen, **overrides)
     metrics = {"stage": args.stage, "model": args.model, "parent": args.parent, **metrics,
                "wall_s": time.perf_counter() - t0}
-    path = write_metrics(args.run_dir, args.stage, metrics)
+    path = write_metrics(args.run_dir, args.stage, metrics, out=args.model)
     print_table(metrics)
     print(f"{args.stage}: {metrics['dtype']} on {metrics['device']}, {metrics['wall_s']:.0f}s -> {path}")
 

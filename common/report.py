@@ -11,7 +11,7 @@ import json
 import os
 
 STAGE_ORDER = ["timings", "parent", "bld", "mip", "mip_2x", "ffn_fusion", "distill", "distill_1.5x", "distill_2x",
-               "kd_ablation", "sft", "sft_parent", "sft_eval", "grpo", "rlhf"]
+               "kd_ablation", "sft", "sft_parent", "sft_eval", "grpo", "grpo_no_filter", "grpo_eval", "rlhf"]
 
 
 def _fmt(v, nd=4):
@@ -31,6 +31,8 @@ def _table(header, rows):
 def _scalars(d: dict, prefix="") -> dict:
     out = {}
     for k, v in d.items():
+        if k.startswith("_"):  # bookkeeping (e.g. "_out": the run that owns the file), not a result
+            continue
         if isinstance(v, dict):
             out.update(_scalars(v, f"{prefix}{k}."))
         elif isinstance(v, (int, float, str, bool)) or v is None:
@@ -141,6 +143,27 @@ def _sft(m, _):
     return lines + _table(["mode", "model", "accuracy", "multi-step acc", "format", "mean tokens"], rows)
 
 
+def _grpo(m, name):
+    """06 GRPO: held-out accuracy before/after (± standard error, n), the paired gain, and the filter's counts."""
+    n = m.get("eval_problems")
+    lines = [f"## 06 GRPO ({name}: policy {m['policy']}, {m['rollout_steps']} rollout steps, pass-rate filter "
+             f"{'on' if m.get('filter') else 'off'}, curriculum {'on' if m.get('curriculum') else 'off'})", "",
+             f"Prompts: {m['candidates']} candidates, {m['dropped_by_filter']} dropped by the filter, "
+             f"{m['pass_rate_zero']} with pass rate 0, {m['kept_prompts']} kept. Held-out problems: n = {n} per mode.", ""]
+    rows = []
+    for mode in ("on", "off"):
+        def acc(who):
+            a, se = m.get(f"{who}_{mode}_accuracy"), m.get(f"{who}_{mode}_accuracy_se")
+            return "-" if a is None else f"{a:.3f} ± {se:.3f}"
+        gain = m.get(f"gain_{mode}")
+        rows.append((f"thinking {mode}", acc("before"), acc("after"),
+                     "-" if gain is None else f"{gain:+.3f} ± {m[f'gain_{mode}_se']:.3f}",
+                     m.get(f"before_{mode}_format_compliance"), m.get(f"after_{mode}_format_compliance"),
+                     m.get(f"after_{mode}_mean_response_tokens")))
+    return lines + _table(["mode", "accuracy before", "accuracy after", "gain (paired SE)", "format before",
+                           "format after", "mean tokens after"], rows)
+
+
 def _generic(m, name):
     flat = {k: v for k, v in _scalars(m).items() if not k.startswith("args.")}
     return [f"## {name}", ""] + _table(["metric", "value"], list(flat.items()))
@@ -161,6 +184,8 @@ def _renderer(name, m):
         return _distill
     if name.startswith("sft") and "train_tokens" in m:
         return _sft
+    if name.startswith("grpo") and "rollout_steps" in m:
+        return _grpo
     if "text" in m and "speed" in m:
         return _evaluation
     return _generic

@@ -147,3 +147,22 @@ def instruction_following_score(text: str, constraints) -> float:
         if c["type"] not in VERIFIERS:
             raise ValueError(f"unknown constraint type {c['type']!r}; known: {sorted(VERIFIERS)}")
     return sum(VERIFIERS[c["type"]](answer, c) for c in constraints) / len(constraints)
+
+
+# ----------------------------------------------------------------------------
+# the reasoning-RL reward (GRPO): accuracy + format
+
+
+def math_reward(text: str, gold, reasoning: bool, w_accuracy: float = 1.0, w_format: float = 0.5,
+                gate: bool = True) -> dict:
+    """LN-Ultra's GRPO reward for one completion: w_accuracy * [final answer == gold] + w_format * [toggle format
+    kept]. Accuracy reads the answer part only (after </think>), so a correct number inside an unfinished think
+    block earns nothing. gate=True: a completion that breaks the toggle (no think block with thinking on, think
+    tags with it off) earns 0 whatever its answer. Without the gate, a policy whose thinking often runs out of
+    budget learns to answer "on" prompts without thinking (seen here: "on" format 1.00 -> 0.09 in 12 rollouts).
+    Returns {"reward", "accuracy", "format"} (the parts as 0/1 floats, for logging)."""
+    unfinished = THINK_OPEN in text and THINK_CLOSE not in text  # thinking cut off: there is no answer part
+    acc = 0.0 if unfinished else float(answer_correct(strip_think(text), gold))
+    fmt = float(format_correct(text, reasoning))
+    reward = w_accuracy * acc + w_format * fmt
+    return {"reward": reward * fmt if gate else reward, "accuracy": acc, "format": fmt}

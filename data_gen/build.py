@@ -15,7 +15,8 @@ import random
 import sys
 from collections import defaultdict
 
-from common.checkpoint import write_json_atomic
+from common.checkpoint import check_checkpoint, write_json_atomic
+from common.cli import nonneg_int, positive_int, prob
 from data_gen.instructions import generate_instructions
 from data_gen.math_problems import eval_problems, generate_math
 from data_gen.records import normalize_prompt, problem_records, read_jsonl, write_jsonl
@@ -27,29 +28,33 @@ SPLITS = ("train", "validation", "test")
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory, e.g. data/smol")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=nonneg_int, default=0)
     # sizes (problems; math and science give an on and an off record each)
-    ap.add_argument("--math", type=int, default=2000)
-    ap.add_argument("--science", type=int, default=500)
-    ap.add_argument("--instructions", type=int, default=300)
-    ap.add_argument("--chat-reasoning-frac", type=float, default=0.3, help="chat problems that also get an 'on' record")
-    ap.add_argument("--eval-math", type=int, default=200)
-    ap.add_argument("--eval-instructions", type=int, default=100)
-    ap.add_argument("--val-frac", type=float, default=0.05)
-    ap.add_argument("--test-frac", type=float, default=0.05)
+    ap.add_argument("--math", type=nonneg_int, default=2000)
+    ap.add_argument("--science", type=nonneg_int, default=500)
+    ap.add_argument("--instructions", type=nonneg_int, default=300)
+    ap.add_argument("--chat-reasoning-frac", type=prob, default=0.3, help="chat problems that also get an 'on' record")
+    ap.add_argument("--eval-math", type=nonneg_int, default=200)
+    ap.add_argument("--eval-instructions", type=nonneg_int, default=100)
+    ap.add_argument("--val-frac", type=prob, default=0.05)
+    ap.add_argument("--test-frac", type=prob, default=0.05)
     # teacher traces (rejection sampling) for train math problems
     ap.add_argument("--teacher", default=None, help="checkpoint that writes reasoning traces")
-    ap.add_argument("--samples", type=int, default=4, help="solutions sampled per problem")
-    ap.add_argument("--teacher-problems", type=int, default=200, help="train math problems sent to the teacher")
-    ap.add_argument("--teacher-max-new-tokens", type=int, default=192)
-    ap.add_argument("--teacher-batch-size", type=int, default=16)
+    ap.add_argument("--samples", type=positive_int, default=4, help="solutions sampled per problem")
+    ap.add_argument("--teacher-problems", type=positive_int, default=200,
+                    help="train math problems sent to the teacher")
+    ap.add_argument("--teacher-max-new-tokens", type=positive_int, default=192)
+    ap.add_argument("--teacher-batch-size", type=positive_int, default=16)
     # output
-    ap.add_argument("--tokenizer", default=None, help="report lengths in this tokenizer's tokens (else characters)")
+    ap.add_argument("--tokenizer", default=None, help="a local directory with a tokenizer (e.g. runs/smol/parent): "
+                    "report lengths in its tokens (else characters)")
     ap.add_argument("--parquet", action="store_true", help="also write <split>.parquet")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         raise ValueError(f"--val-frac {args.val_frac} and --test-frac {args.test_frac} must be >= 0 and sum to < 1")
+    if args.math + args.science + args.instructions == 0:
+        raise ValueError("--math, --science and --instructions are all 0: nothing to build; ask for some problems")
     return args
 
 
@@ -113,11 +118,30 @@ def print_card(card: dict) -> None:
         print(f"{split:<11} {'total':<20} {sum(g['count'] for g in groups.values()):>6}")
 
 
+def load_local_tokenizer(path: str):
+    """A tokenizer from a local directory; never a hub id (nothing is downloaded at run time)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"--tokenizer {path} is not a local directory; give a checkpoint directory with tokenizer "
+                         f"files, e.g. runs/smol/parent")
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception for a broken tokenizer.json)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"--tokenizer {path} has no readable tokenizer ({first}); give a checkpoint directory "
+                         f"with tokenizer files, e.g. runs/smol/parent") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     files = [os.path.join(args.out, f"{s}.jsonl") for s in SPLITS + ("eval",)]
     if not args.overwrite and any(os.path.exists(f) for f in files):
         raise SystemExit(f"error: {args.out} already has data; pass --overwrite or choose another --out")
+    tok = None  # everything read from disk is checked before the first file is written
+    if args.tokenizer:
+        tok = load_local_tokenizer(args.tokenizer)
+    if args.teacher:
+        check_checkpoint(args.teacher)
 
     # held-out eval set first: everything else is deduped against it
     evalset = eval_problems(args.eval_math, args.seed) + generate_instructions(args.eval_instructions, args.seed,
@@ -157,10 +181,6 @@ def main(argv=None):
             load_records(path).to_parquet(os.path.join(args.out, f"{s}.parquet"))
     read_jsonl(files[0])  # the written file reads back and validates
 
-    tok = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
     card = data_card(splits, tok)
     card.update(args=vars(args), problems=len(problems), dropped_duplicates=dropped,
                 teacher={k: v for k, v in teacher_stats.items() if k != "pass_rate"} if teacher_stats else None)
@@ -174,5 +194,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         sys.exit(f"error: {e}")

@@ -91,3 +91,35 @@ def make_problem(r: random.Random) -> dict:
 def generate_instructions(n: int, seed: int = 0, heldout: bool = False) -> list[dict]:
     rng = random.Random(f"eval-chat:{seed}") if heldout else random.Random(seed + 2_000_003)
     return sample_unique(make_problem, n, rng, heldout)
+
+
+def instruction_key(p: dict) -> tuple:
+    """What an instruction prompt asks, independent of its wording: (topic, its constraints). "Tell me about the
+    moon. Use exactly 3 bullet points." and "Describe the moon. Use exactly 3 bullet points." share a key. Takes a
+    problem (question, constraints) or a record (input messages, constraints as JSON). Held-out sets are held out
+    by this key, not by the prompt string."""
+    text = p.get("question") or p.get("input")
+    if isinstance(text, list):  # a record's chat messages: the user turn
+        text = " ".join(m["content"] for m in text if m.get("role") == "user")
+    topic = next((t for t in TOPICS if t in text), None)
+    cons = p.get("constraints") or []
+    if isinstance(cons, str):
+        cons = json.loads(cons)
+    return topic, tuple(sorted(json.dumps(c, sort_keys=True) for c in cons))
+
+
+def rl_instructions(n: int, seed: int = 0, exclude: list[dict] = ()) -> list[dict]:
+    """n training instruction prompts for RL and preference pairs (their own seed space), none sharing an
+    instruction_key with `exclude` (the evaluation prompts) or with each other, none in the eval bucket."""
+    banned = {instruction_key(p) for p in exclude}
+    rng, out, seen = random.Random(f"rl-chat:{seed}"), [], set()
+    for _ in range(50):
+        for p in sample_unique(make_problem, n, rng, heldout=False):
+            k = instruction_key(p)
+            if k not in banned and k not in seen:
+                seen.add(k)
+                out.append(p)
+        if len(out) >= n:
+            return out[:n]
+    raise ValueError(f"only {len(out)} instruction prompts of distinct meaning outside the evaluation set; "
+                     f"ask for fewer than {n}")

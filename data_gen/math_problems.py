@@ -232,3 +232,25 @@ def generate_math(n: int, seed: int = 0, levels=(1, 2, 3, 4, 5)) -> list[dict]:
 def eval_problems(n: int = 200, seed: int = 0, levels=(1, 2, 3, 4, 5)) -> list[dict]:
     """The fixed held-out eval set: its own seed space and only eval-bucket prompts (disjoint from training)."""
     return _by_level(n, random.Random(f"eval-math:{seed}"), levels, heldout=True)
+
+
+def semantic_key(p: dict) -> tuple:
+    """What a problem asks, independent of wording and names: (level, its numbers sorted, answer). "Add 59 and 80."
+    and "What is 80 + 59?" share a key, as do two shopping problems that differ only in who buys what. Held-out
+    sets are held out by this key, not by the prompt string."""
+    import re
+    text = p.get("question") or p.get("input")
+    if isinstance(text, list):  # a record's chat messages: the user turn
+        text = " ".join(m["content"] for m in text if m.get("role") == "user")
+    return (p.get("difficulty"), tuple(sorted(int(x) for x in re.findall(r"\d+", text))), str(p.get("answer")))
+
+
+def rl_problems(n: int, seed: int = 0, exclude: list[dict] = (), levels=(1, 2, 3, 4, 5)) -> list[dict]:
+    """n training problems for RL prompts (their own seed space), none sharing a semantic key with `exclude`
+    (the evaluation problems) and none in the eval bucket."""
+    banned = {semantic_key(p) for p in exclude}
+    rng, out = random.Random(f"rl-math:{seed}"), []
+    while len(out) < n:
+        batch = _by_level(n, rng, levels, heldout=False)
+        out += [p for p in batch if semantic_key(p) not in banned and p["id"] not in {q["id"] for q in out}]
+    return out[:n]

@@ -12,6 +12,8 @@ import re
 
 import datasets
 
+from common.data import json_lines
+
 FIELDS = ("id", "input", "output", "reasoning", "system_prompt", "category", "generator", "license", "answer",
           "difficulty", "constraints")
 SYSTEM_PROMPTS = {"on": "detailed thinking on", "off": "detailed thinking off"}
@@ -111,23 +113,20 @@ def write_jsonl(path: str, records, overwrite: bool = False) -> int:
     return n
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Every line parsed, normalized and validated; the first bad line raises ValueError naming file:line."""
+def read_jsonl(path: str, allow_empty: bool = False) -> list[dict]:
+    """Every line parsed, normalized and validated; the first bad line (not UTF-8, not JSON, not a record) raises
+    ValueError naming file:line, and so does a file with no record unless allow_empty."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file; build it with `python -m data_gen.build --out DIR`")
     out = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno}); fix or delete the line")
-            if isinstance(rec, dict):
-                rec = normalize_record(rec)
-            validate_record(rec, f"{path}:{i}")
-            out.append(rec)
+    for i, rec in json_lines(path, fix="re-encode the file as UTF-8 or rebuild it with `python -m data_gen.build`"):
+        if isinstance(rec, dict):
+            rec = normalize_record(rec)
+        validate_record(rec, f"{path}:{i}")
+        out.append(rec)
+    if not out and not allow_empty:
+        raise ValueError(f"{path}: no records (the file is empty); rebuild it with "
+                         f"`python -m data_gen.build --out DIR`")
     return out
 
 

@@ -113,7 +113,7 @@ def test_bld_two_gloo_ranks_match_one_rank(lib):
     out2 = os.path.join(root, "library_2ranks")
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "01_bld.py")] + bld_argv(root, out2)
+           os.path.join(ROOT, "01_bld.py")] + bld_argv(root, out2, **{"--metrics-name": "bld_2ranks"})
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert read(os.path.join(out2, "library.json"))["bld"]["world_size"] == 2
@@ -134,9 +134,9 @@ def test_resume_continues_where_it_stopped(lib, monkeypatch):
 
     monkeypatch.setattr(bld, "bld_step", crashing_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        bld.main(bld_argv(root, out2, **{"--save-every": 3}))
+        bld.main(bld_argv(root, out2, **{"--save-every": 3, "--metrics-name": "bld_resumed"}))
     assert not os.path.exists(out2) and os.path.isdir(out2 + ".state")
     monkeypatch.setattr(bld, "bld_step", real_step)
-    bld.main(bld_argv(root, out2, **{"--save-every": 3}) + ["--resume"])
+    bld.main(bld_argv(root, out2, **{"--save-every": 3, "--metrics-name": "bld_resumed"}) + ["--resume"])
     assert not os.path.exists(out2 + ".state")
     same_library(out, out2)

@@ -90,7 +90,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve_and_nan_keeps_last_good_
     common = ["--max-steps", "6", "--save-every", "2", "--lr", "1e-3"]
     ref = distill.main(argv(ckpts, "ref", *common, "--metrics-name", "ref"))
     # a NaN at step 3 stops the run without writing the checkpoint; states after steps 2 survive
-    with pytest.raises(SystemExit, match="not finite.*Last good state: .*step-000002"):
+    with pytest.raises(SystemExit, match="loss is nan at kd step 3 .last good state: .*step-000002.*--resume"):
         distill.main(argv(ckpts, "int", *common, "--debug-nan-step", "3", "--metrics-name", "int"))
     assert not os.path.exists(ckpts / "int") and is_complete(str(ckpts / "int.state" / "step-000002"))
     resumed = distill.main(argv(ckpts, "int", *common, "--resume", "--metrics-name", "int"))

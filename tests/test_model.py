@@ -119,7 +119,7 @@ def test_save_refuses_to_overwrite(tmp_path):
     model = tiny_model()
     save_checkpoint(model, None, str(tmp_path / "c"), stage="a")
     before = os.listdir(tmp_path / "c")
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(CheckpointError, match="already a finished checkpoint"):
         save_checkpoint(model, None, str(tmp_path / "c"), stage="b")
     assert os.listdir(tmp_path / "c") == before
 

@@ -26,6 +26,12 @@ def test_report_tables(tmp_path):
     _write(r, "kd_ablation", {"student": "c", "tokens_per_trial": 4096, "parent": {"next_token_acc": 0.5},
                               "table": [{"loss": "cosine,fkl", "kl_parent": 0.2, "next_token_acc": 0.45,
                                          "top1_agreement": 0.8, "lm_loss": 3.1}]})
+    _write(r, "grpo", {"policy": "p", "rollout_steps": 12, "filter": True, "curriculum": True, "candidates": 64,
+                       "dropped_by_filter": 10, "pass_rate_zero": 20, "kept_prompts": 54, "eval_problems": 100,
+                       "before_on_accuracy": 0.3, "before_on_accuracy_se": 0.0458, "after_on_accuracy": 0.4,
+                       "after_on_accuracy_se": 0.049, "gain_on": 0.1, "gain_on_se": 0.03,
+                       "before_on_format_compliance": 1.0, "after_on_format_compliance": 0.98,
+                       "after_on_mean_response_tokens": 120.5})
     _write(r, "zzz_custom", {"a": {"b": 1.5}})
     text = render(r)
     assert "| total | 420 | 7 |" in text
@@ -33,6 +39,8 @@ def test_report_tables(tmp_path):
     assert "| thinking on | SFT | 0.25 | - | 1 | - |" in text
     assert "| cosine,fkl | 0.2 | 0.45 | 0.9 | 0.8 | 3.1 |" in text
     assert "| a.b | 1.5 |" in text
+    assert "10 dropped by the filter, 20 with pass rate 0, 54 kept" in text
+    assert "| thinking on | 0.300 ± 0.046 | 0.400 ± 0.049 | +0.100 ± 0.030 | 1 | 0.98 | 120.5 |" in text
     main(["--run-dir", r])
     assert open(os.path.join(r, "REPORT.md")).read().startswith("# Results:")
 
