@@ -12,7 +12,7 @@ beside the prompts, so a rerun (or --resume) does not resample. Loss normalizati
   dr_grpo  sum_it l_it / (N * max_new_tokens)        constant normalizer, advantages not divided by the std
 Log-probabilities are recomputed with the training forward (common/rl.py says why).
 
-    python 06_grpo.py --policy runs/smol/sft_parent --data data/smol --out runs/smol/grpo            # CPU, run.sh's budget
+    python 06_grpo.py --policy runs/smol/sft_parent --data data/smol --out runs/smol/grpo --num-prompts 64 --steps 12 --prompts-per-step 8 --lr 3e-6   # CPU, run.sh
     torchrun --standalone --nproc_per_node 8 06_grpo.py --policy ... --prompts-per-step 72 --group-size 16 --steps-per-rollout 2 --fp8-generation
     python 06_grpo.py --policy runs/smol/sft_parent --data data/smol --out /tmp/grpo --steps 2 --num-prompts 8 --filter-samples 2 --eval-problems 4   # smoke
 """

@@ -278,8 +278,8 @@ def main(argv=None):
         return statistics.median(x[key] for x in results[name])
 
     ratios = [o["total"] / t["total"] for o, t in zip(results["ours"], results["trl"])]  # adjacent steps, paired
-    print(f"\n| side | step s (median) | min-max | generation | scoring | fwd+bwd | optimizer | other | "
-          f"completion tokens | groups trained | compute dtype gen / train |")
+    print("\n| side | step s (median) | min-max | generation | scoring | fwd+bwd | optimizer | other | "
+          "completion tokens | groups trained | compute dtype gen / train |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in sides:
         tot = [x["total"] for x in results[name]]

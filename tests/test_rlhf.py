@@ -15,7 +15,6 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import ROOT, tiny_model, tiny_tokenizer
 
 from common.checkpoint import CheckpointError, save_checkpoint
