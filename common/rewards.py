@@ -161,8 +161,35 @@ def math_reward(text: str, gold, reasoning: bool, w_accuracy: float = 1.0, w_for
     tags with it off) earns 0 whatever its answer. Without the gate, a policy whose thinking often runs out of
     budget learns to answer "on" prompts without thinking (seen here: "on" format 1.00 -> 0.09 in 12 rollouts).
     Returns {"reward", "accuracy", "format"} (the parts as 0/1 floats, for logging)."""
-    unfinished = THINK_OPEN in text and THINK_CLOSE not in text  # thinking cut off: there is no answer part
-    acc = 0.0 if unfinished else float(answer_correct(strip_think(text), gold))
+    acc = _final_answer_correct(text, gold)
     fmt = float(format_correct(text, reasoning))
     reward = w_accuracy * acc + w_format * fmt
     return {"reward": reward * fmt if gate else reward, "accuracy": acc, "format": fmt}
+
+
+def _final_answer_correct(text: str, gold) -> float:
+    """1.0 when the answer part (after </think>) holds the right final answer; a think block that never closed
+    (thinking cut off by the budget) has no answer part and scores 0."""
+    if THINK_OPEN in text and THINK_CLOSE not in text:
+        return 0.0
+    return float(answer_correct(strip_think(text), gold))
+
+
+# ----------------------------------------------------------------------------
+# the verifiable reward of instruction-following RL and RLHF (07): verifiers, plus the toggle's format
+
+
+def verifier_reward(text: str, reasoning: bool, constraints=None, answer=None, all_met: bool = False,
+                    w_format: float = 0.0) -> dict:
+    """A prompt with constraints scores the fraction of them met (all_met: 1 only when every one is); a math
+    prompt scores its final answer (as math_reward); reward = score + w_format * [toggle format kept].
+    Returns {"reward", "score", "correct" (every constraint met / the answer right, 0 or 1), "format"}."""
+    if constraints:
+        met = instruction_following_score(text, constraints)
+        score = float(met == 1.0) if all_met else met
+    elif answer is not None:
+        met = score = _final_answer_correct(text, answer)
+    else:
+        met = score = 0.0
+    fmt = float(format_correct(text, reasoning))
+    return {"reward": score + w_format * fmt, "score": met, "correct": float(met == 1.0), "format": fmt}
