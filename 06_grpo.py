@@ -226,10 +226,11 @@ if todo and rank == 0:  # the filter runs once, on rank 0, and is cached for eve
         write_json_atomic(cache_path, cache)  # after every chunk: a killed filter resumes where it stopped
     filter_seconds = time.time() - t0
     del fgen
-if ddp:
+if ddp:  # the other ranks read what rank 0 measured
     torch.distributed.barrier()
-    with open(cache_path) as f:
-        rates = json.load(f)[fingerprint]
+    if os.path.exists(cache_path):
+        with open(cache_path) as f:
+            rates = json.load(f).get(fingerprint, {})
 cand_rates = [rates.get(key(r), 0.0) for r in candidates]
 kept, counts = pass_rate_filter(candidates, cand_rates, 2.0 if args.no_filter else args.max_pass_rate)
 dropped, n_zero = counts["dropped"], counts["zero"]
