@@ -16,15 +16,16 @@ SCRIPT = os.path.join(ROOT, "tests", "_ddp_step.py")
 
 
 def run(cmd, out):
-    """Run the step; a launch that fails is tried once more (a torchrun --standalone rendezvous failed once in
-    several CI runs here, exit 1 before the script ran) and then reported with its stderr."""
+    """Run the step; a run that fails is tried up to twice more and then reported with its stderr. (About one run in
+    six here, a rank aborts with "terminate called without an active exception" around gloo's teardown after the
+    gradients are written; not understood yet.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    for _ in range(2):
+    for _ in range(3):
         r = subprocess.run(cmd + [SCRIPT, str(out), os.path.join(ROOT, "tests")], env=env, timeout=240,
                            capture_output=True, text=True)
         if r.returncode == 0:
             return json.load(open(out))
-    raise AssertionError(f"{' '.join(cmd)} failed twice:\n{r.stderr[-3000:]}")
+    raise AssertionError(f"{' '.join(cmd)} failed 3 times:\n{r.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="module")
