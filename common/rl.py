@@ -26,7 +26,7 @@ normalized by the global token / sequence totals (the same objective as one big 
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -62,7 +62,6 @@ class PolicyLossConfig:
     max_new_tokens: int = 256        # Dr. GRPO's constant L_max
     adv_eps: float = 1e-4
     dtype: torch.dtype | None = None  # autocast compute dtype (None: common.dist's default for the device)
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------
