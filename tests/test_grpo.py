@@ -222,8 +222,8 @@ def test_grpo_bad_input_is_one_line(grpo_dir, tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode != 0 and _last_line(r).startswith("error:") and "Traceback" not in r.stderr
     # a prompt file without answers
-    rec = json.loads(open(grpo_dir / "data" / "rl_math.jsonl").readline())
-    rec["answer"] = None
+    rec = {"id": "m1", "input": "What is 2 + 2?", "output": "4", "reasoning": "off",
+           "system_prompt": "detailed thinking off", "category": "math", "answer": None}
     (tmp_path / "noans.jsonl").write_text(json.dumps(rec) + "\n")
     r = _grpo(grpo_dir, "noans", "--steps", "1", "--prompts", str(tmp_path / "noans.jsonl"))
     assert r.returncode != 0 and "no prompt with an answer" in _last_line(r) and "Traceback" not in r.stderr
