@@ -135,7 +135,7 @@ def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max
     instruction-following verifiers (correct = all satisfied); otherwise `answer` is checked on the answer part
     (after </think>). format_compliance: think block first when on, no think tags when off."""
     from common.data import build_messages, render_prompt
-    from common.rewards import answer_correct, format_correct, instruction_following_score, strip_think
+    from common.rewards import answer_correct, format_correct, instruction_following_score
 
     if not problems:
         return {"n": 0}
@@ -148,7 +148,7 @@ def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max
             if_scores.append(score)
             ok = score == 1.0
         else:
-            ok = answer_correct(strip_think(text), p.get("answer"))
+            ok = answer_correct(text, p.get("answer"))  # the answer part only, boxed or stated
         correct.append(ok)
         fmt.append(format_correct(text, reasoning))
         lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))

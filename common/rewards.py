@@ -16,14 +16,19 @@ from collections.abc import Callable
 from fractions import Fraction
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?"
+# "the answer is 42", "Answer: 7/2", "the answer is (B)": the explicit form without a box
+_ANSWER_IS = re.compile(rf"\banswer\s*(?:is|:|=)\s*:?\s*\$?\(?({_NUMBER}|[A-Za-z](?![A-Za-z]))", re.I)
 
 
 # ----------------------------------------------------------------------------
 # accuracy
 
 def extract_answer(text: str) -> str | None:
-    """Content of the last \\boxed{...} (nested braces allowed), else the last number in the text, else None."""
+    """The final answer stated explicitly: the content of the last \\boxed{...} (nested braces allowed), else what
+    follows the last "answer is" / "answer:" (a number or a single option letter), else None. A bare number
+    elsewhere in the text is not an answer: a guess or an intermediate result must not count as correct.
+    Callers pass the answer part only (final_answer strips the think block)."""
     start = text.rfind("\\boxed{")
     if start >= 0:
         depth, i = 1, start + len("\\boxed{")
@@ -31,8 +36,16 @@ def extract_answer(text: str) -> str | None:
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
                 return text[i:j].strip()
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].replace(",", "") if numbers else None
+    stated = _ANSWER_IS.findall(text)
+    return stated[-1].replace(",", "") if stated else None
+
+
+def final_answer(text: str) -> str | None:
+    """The answer of a completion: extract_answer on the part after </think>. A think block that never closed
+    (thinking cut off by the budget) has no answer part: None, even when the block holds a number."""
+    if THINK_OPEN in text and THINK_CLOSE not in text:
+        return None
+    return extract_answer(strip_think(text))
 
 
 def _as_number(s: str) -> Fraction | None:
@@ -53,7 +66,7 @@ def answer_key(answer: str) -> str:
 
 
 def answer_correct(pred_text: str, gold) -> bool:
-    """Does the final answer of `pred_text` (extract_answer) equal `gold`?
+    """Does the final answer of `pred_text` (final_answer: boxed or "the answer is", after </think>) equal `gold`?
 
     Exact match first (numbers as fractions, so "0.5" == "1/2"; letters case-insensitively), then math-verify
     `verify(parse(gold), parse(pred))`, gold first. math-verify's timeouts use signal.alarm, which only works in
@@ -61,7 +74,7 @@ def answer_correct(pred_text: str, gold) -> bool:
     """
     if gold is None or pred_text is None:
         return False
-    pred = extract_answer(pred_text)
+    pred = final_answer(pred_text)
     if pred is None:
         return False
     gold = str(gold).strip()
@@ -161,18 +174,10 @@ def math_reward(text: str, gold, reasoning: bool, w_accuracy: float = 1.0, w_for
     tags with it off) earns 0 whatever its answer. Without the gate, a policy whose thinking often runs out of
     budget learns to answer "on" prompts without thinking (seen here: "on" format 1.00 -> 0.09 in 12 rollouts).
     Returns {"reward", "accuracy", "format"} (the parts as 0/1 floats, for logging)."""
-    acc = _final_answer_correct(text, gold)
+    acc = float(answer_correct(text, gold))
     fmt = float(format_correct(text, reasoning))
     reward = w_accuracy * acc + w_format * fmt
     return {"reward": reward * fmt if gate else reward, "accuracy": acc, "format": fmt}
-
-
-def _final_answer_correct(text: str, gold) -> float:
-    """1.0 when the answer part (after </think>) holds the right final answer; a think block that never closed
-    (thinking cut off by the budget) has no answer part and scores 0."""
-    if THINK_OPEN in text and THINK_CLOSE not in text:
-        return 0.0
-    return float(answer_correct(strip_think(text), gold))
 
 
 # ----------------------------------------------------------------------------
@@ -188,7 +193,7 @@ def verifier_reward(text: str, reasoning: bool, constraints=None, answer=None, a
         met = instruction_following_score(text, constraints)
         score = float(met == 1.0) if all_met else met
     elif answer is not None:
-        met = score = _final_answer_correct(text, answer)
+        met = score = float(answer_correct(text, answer))
     else:
         met = score = 0.0
     fmt = float(format_correct(text, reasoning))

@@ -12,12 +12,12 @@ is what GRPO's pass-rate filter and curriculum read.
 from collections import Counter
 
 from common.data import build_messages
-from common.rewards import answer_correct, answer_key, extract_answer, format_correct
+from common.rewards import answer_correct, answer_key, final_answer, format_correct
 from data_gen.records import make_record
 
 
 def _vote_key(text: str) -> str | None:
-    a = extract_answer(text)
+    a = final_answer(text)
     return None if a is None else answer_key(a)
 
 
@@ -50,7 +50,7 @@ def rejection_sample(problems: list[dict], generate_fn, n_samples: int = 4, reas
             if not top or top[0][1] < 2:
                 stats["no_majority"] += 1
                 continue
-            gold = extract_answer(next(s for s in ok_format if _vote_key(s) == top[0][0]))
+            gold = final_answer(next(s for s in ok_format if _vote_key(s) == top[0][0]))
             good = [s for s in ok_format if _vote_key(s) == top[0][0]]
         else:
             good = [s for s in ok_format if answer_correct(s, gold)]

@@ -7,7 +7,7 @@ import torch
 
 from common.data import (SYSTEM_OFF, SYSTEM_ON, build_messages, collate, pack_examples, packed_attention_mask,
                          render_prompt, text_chunks, tokenize_sft_example)
-from common.rewards import (answer_correct, extract_answer, format_correct, has_think,
+from common.rewards import (answer_correct, extract_answer, final_answer, format_correct, has_think,
                             instruction_following_score)
 from data_gen.records import make_record
 
@@ -114,8 +114,16 @@ def test_text_chunks_join_documents_with_eos(tokenizer):
 
 def test_extract_answer():
     assert extract_answer("x \\boxed{3} then \\boxed{\\frac{1}{2}} end") == "\\frac{1}{2}"
-    assert extract_answer("I think 12, no, 1,234 apples") == "1234"
+    assert extract_answer("I think 12, no, the answer is 1,234 apples") == "1234"
+    assert extract_answer("Answer: (B)") == "B" and extract_answer("so the answer is -7/2.") == "-7/2"
+    assert extract_answer("I think 12, no, 1,234 apples") is None  # a bare number is not a stated answer
     assert extract_answer("no numbers here") is None
+
+
+def test_final_answer_reads_only_the_answer_part():
+    assert final_answer("<think>maybe \\boxed{3}</think>The answer is \\boxed{4}.") == "4"
+    assert final_answer("<think>so it is \\boxed{3}</think>I am not sure.") is None  # the think block's guess
+    assert final_answer("<think>2+2 is 4, so the answer is \\boxed{4}") is None     # thinking never closed
 
 
 @pytest.mark.parametrize("pred,gold,ok", [
@@ -125,7 +133,10 @@ def test_extract_answer():
     ("The answer is \\boxed{\\frac{1}{2}}.", "0.5", True),
     ("The answer is \\boxed{B}.", "B", True),
     ("The answer is \\boxed{C}.", "B", False),
-    ("It is 17", "17", True),
+    ("It is 17", "17", False),  # unboxed, unstated: a guess
+    ("The answer is 17.", "17", True),
+    ("<think>17</think>\\boxed{17}", "17", True),
+    ("<think>\\boxed{17}", "17", False),
     ("no answer", "17", False),
     ("The answer is \\boxed{\\sqrt{4}}.", "2", True),  # needs math-verify
 ])
