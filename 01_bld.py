@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoint, write_json_atomic, write_metrics
 from common.cli import int_list, nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
 from common.data import load_text_documents, text_chunks
-from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, resolve_dtype, shard_list
+from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.tracking import add_wandb_args, init_wandb
 from common.losses import normalized_mse
 from common.model import ffn_mult_to_intermediate_size
@@ -254,7 +254,7 @@ def replace_one_block_scores(parent, held, entries, states, batch_size, autocast
         return {k: v / n for k, v in tot.items()}
 
     out = {"__parent__": metrics_from(L)}
-    for e in entries:
+    for e in progress(entries, desc="replace-one-block scores", unit="variant"):
         undo = set_subblock(model, e["layer"], e["subblock"], e["config_obj"], states[e["key"]])
         out[e["key"]] = metrics_from(e["layer"])
         undo()
@@ -477,7 +477,7 @@ def main(argv=None):
                    "val_loss_bld_mean": sum(e["val_loss_bld"] for e in trained) / max(1, len(trained)),
                    "variants_improved_by_bld": improved, "score_seconds": score_time,
                    "parent_lm_loss": base["lm_loss"]}
-        write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
+        metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
         wandb_run.log({f"summary/{k}": v for k, v in metrics.items()})
         # table: mean score per variant over layers
         print0(f"\n{'variant':<22}{'mean KL':>10}{'max KL':>10}{'top1':>8}{'BLD loss init→trained':>26}")
@@ -490,7 +490,8 @@ def main(argv=None):
                       f"{sum(e['val_loss_bld'] for e in es) / len(es):.4f}") if "val_loss_bld" in es[0] else "-"
                 print0(f"{sub + ':' + v['name']:<22}{sum(kls) / len(kls):>10.4f}{max(kls):>10.4f}{t1_:>8.3f}{bl:>26}")
         print0(f"\nBLD: {total_steps} steps, {bld_tok_s:.0f} tok/s, 1 parent forward per batch; "
-               f"{improved}/{len(trained)} variants improved; library at {args.out}")
+               f"{improved}/{len(trained)} variants improved")
+        print0(f"library: {args.out}; metrics: {metrics_path}")
     wandb_run.finish()
     compute_cleanup()
 

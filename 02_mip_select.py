@@ -33,7 +33,7 @@ import warnings
 import pulp
 import torch
 
-from common.dist import print0, resolve_dtype, sync
+from common.dist import print0, progress, resolve_dtype, sync
 from common.evaluate import TextEval
 from common.tracking import add_wandb_args, init_wandb
 from common.checkpoint import CheckpointError, load_checkpoint, read_json, save_checkpoint, write_json_atomic
@@ -166,21 +166,21 @@ def measure_block_runtimes(parent, space, args, dtype):
         return total - base
 
     out = {}
-    for sub in SUBBLOCKS:
-        for v in space[sub]:
-            if v["config"].get("no_op"):
-                out[f"{sub}:{v['name']}"] = 0.0
-                continue
-            blk = cfg0.to_dict()
-            blk[sub] = v["config"]
-            if sub == "attention":  # isolate the attention: the copies carry no FFN
-                blk["ffn"] = {"ffn_mult": None, "no_op": True, "replace_with_linear": False}
-            else:
-                blk["attention"] = {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
-            k = args.cost_copies
-            key = f"{sub}:{v['name']}"
-            out[key] = max(0.0, extra([cfg0.to_dict()] + [blk] * k) / k)
-            print0(f"  runtime {key:<18} {out[key] * 1e3:8.2f} ms")
+    variants = [(sub, v) for sub in SUBBLOCKS for v in space[sub]]
+    for sub, v in progress(variants, desc="block runtimes", unit="variant"):
+        if v["config"].get("no_op"):
+            out[f"{sub}:{v['name']}"] = 0.0
+            continue
+        blk = cfg0.to_dict()
+        blk[sub] = v["config"]
+        if sub == "attention":  # isolate the attention: the copies carry no FFN
+            blk["ffn"] = {"ffn_mult": None, "no_op": True, "replace_with_linear": False}
+        else:
+            blk["attention"] = {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
+        k = args.cost_copies
+        key = f"{sub}:{v['name']}"
+        out[key] = max(0.0, extra([cfg0.to_dict()] + [blk] * k) / k)
+        print0(f"  runtime {key:<18} {out[key] * 1e3:8.2f} ms")
     return out
 
 
@@ -373,7 +373,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------
     # Sweep: the Pareto front (predicted quality vs measured speed)
     sweep = []
-    for v in args.sweep:
+    for v in progress(args.sweep, desc="Pareto sweep", unit="child"):
         ch, _ = solve_mip(items, L, score_of, constraints_for(v), args.time_limit)
         if ch is None:
             print0(f"  sweep {v}x: infeasible")
@@ -452,7 +452,7 @@ def main(argv=None):
                "params": main_row["params"], "kl": main_row["kl"], "next_token_acc": main_row["next_token_acc"],
                "next_token_acc_retention": main_row["next_token_acc"] / max(1e-9, pq["next_token_acc"]),
                "top1_agreement": main_row["top1_agreement"], "baselines": baselines, "sweep": sweep}
-    write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
+    metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
     wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, float)})
     print0(f"\nscenario: batch {args.batch}, prefill {args.prefill}, generate {args.gen_len}, KV {args.kv_dtype}; "
            f"parent {parent_s:.2f}s, acc {pq['next_token_acc']:.3f}")
@@ -462,6 +462,7 @@ def main(argv=None):
                f"{r['next_token_acc']:>8.3f}{r['top1_agreement']:>8.3f}")
     if uses_linear:
         print0("note: " + search["vllm_note"])
+    print0(f"checkpoint: {args.out}; metrics: {metrics_path}")
     wandb_run.finish()
 
 

@@ -289,7 +289,7 @@ def main(argv=None):
     bs, T = (int(v) for v in args.speed_prefill.split("x"))
 
     from common.data import text_chunks
-    from common.dist import autocast_ctx, resolve_dtype
+    from common.dist import autocast_ctx, print0, progress, resolve_dtype
     from common.evaluate import TextEval, speed_eval
     from common.tracking import init_wandb
     from data_gen.text import distill_documents
@@ -321,14 +321,15 @@ def main(argv=None):
     text_eval = TextEval(parent, tokenizer, max_tokens=args.eval_tokens, seq_len=args.seq_len)
     level_points = sorted({round(k * len(path) / max(1, args.levels - 1)) for k in range(args.levels)} | {n_merges})
     levels = []
-    for n in level_points:
+    for n in progress(level_points, desc="fusion levels", unit="level"):
         gs = path[n - 1][1] if n else []
         model_n = (fuse_ffn_blocks(child, gs)[0] if n else copy.deepcopy(child)).to(dtype)
         q = text_eval(model_n)
         levels.append({"merges": n, "fused_blocks": sum(len(g) for g in gs), "fused_groups": len(gs),
                        "num_layers": model_n.config.num_hidden_layers, "depth": sequential_depth(model_n.config),
                        "max_dependency": path[n - 1][0] if n else 0.0, **q})
-        print(f"level {n:>3} merges: depth {levels[-1]['depth']}, acc {q['next_token_acc']:.4f}, kl {q['kl_parent']:.4f}")
+        print0(f"level {n:>3} merges: depth {levels[-1]['depth']}, acc {q['next_token_acc']:.4f}, "
+               f"kl {q['kl_parent']:.4f}")
     before = next(lv for lv in levels if lv["merges"] == 0)
     after = next(lv for lv in levels if lv["merges"] == n_merges)
 
@@ -358,7 +359,7 @@ def main(argv=None):
     metrics = {"child": args.child, "fused": args.out, "depth_before": depth_before, "depth_after": depth_after,
                "layers_before": cfg.num_hidden_layers, "layers_after": fused.config.num_hidden_layers,
                "groups": groups, "quality_before": before, "quality_after": after, "speed": speed, "levels": levels}
-    write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
+    metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
     wandb_run.log({"fusion/depth_before": depth_before, "fusion/depth_after": depth_after,
                    **{f"fusion/before_{k}": v for k, v in before.items() if isinstance(v, float)},
                    **{f"fusion/after_{k}": v for k, v in after.items() if isinstance(v, float)},
@@ -381,6 +382,7 @@ def main(argv=None):
             print(f"| {k} | {speed['parent'][k]:.2f} | {speed['model'][k]:.2f} | {r:.3f} |")
     print(f"sequential depth {depth_before} -> {depth_after}; layers {cfg.num_hidden_layers} -> "
           f"{fused.config.num_hidden_layers}; * = saved")
+    print(f"checkpoint: {args.out}; metrics: {metrics_path}")
     return metrics
 
 

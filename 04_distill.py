@@ -366,7 +366,7 @@ def main(argv=None):
         if rank == 0:
             metrics = {"student": args.student, "teacher": teacher_path, "tokens_per_trial": kd_steps * per_step * args.seq_len,
                        "parent": parent_eval, "cosine_on": cosine_on, "table": table}
-            write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
+            metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
             print(f"\nKD loss ablation ({metrics['tokens_per_trial']} tokens each, student {args.student})")
             print("| loss | KL(parent||model) | next-token acc | retention | top-1 agree | LM loss |")
             print("|---|---|---|---|---|---|")
@@ -374,6 +374,7 @@ def main(argv=None):
                 ret = r.get("next_token_acc", float("nan")) / parent_eval.get("next_token_acc", float("nan"))
                 print(f"| {r['loss']} | {r.get('kl_parent', float('nan')):.4f} | {r.get('next_token_acc', float('nan')):.4f} "
                       f"| {ret:.3f} | {r.get('top1_agreement', float('nan')):.4f} | {r.get('lm_loss', float('nan')):.4f} |")
+            print(f"metrics: {metrics_path} (an ablation saves no checkpoint)")
         wandb_run.finish()
         return None
 
@@ -414,7 +415,7 @@ def main(argv=None):
         save_checkpoint(student, tokenizer, args.out, stage="distill", args=user_config,
                         meta={"parent": teacher_path, "input": args.student, "layer_map": layer_map,
                               "metrics": {k: metrics[k] for k in ("before", "after", "retention", "speed", "tokens")}})
-        write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
+        metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
         states.finish()
         wandb_run.log({**{f"eval/before_{k}": v for k, v in before.items()}, **{f"eval/after_{k}": v for k, v in after.items()}})
         print(f"\nGlobal KD {args.student} -> {args.out} ({metrics['tokens']} tokens, loss {args.loss}, cosine on {cosine_on})")
@@ -427,6 +428,7 @@ def main(argv=None):
                       f"{m['top1_agreement']:.4f} | {m['lm_loss']:.4f} |")
         if speed:
             print("speed vs teacher (ratios, same run): " + ", ".join(f"{k} {v:.3f}" for k, v in speed["ratio"].items()))
+        print(f"checkpoint: {args.out}; metrics: {metrics_path}")
     if world_size > 1:
         torch.distributed.barrier()
     wandb_run.finish()

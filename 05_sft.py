@@ -161,19 +161,20 @@ if short:
 problems = eval_problems(args.eval_problems, seed=1234) if args.eval_problems > 0 else []
 
 
-def eval_both_modes(m):
+def eval_both_modes(m, who):
     if not problems:
         return {}
     m.eval()
     with autocast_ctx(device):
         out = {mode: generation_eval(m, tokenizer, problems, reasoning=(mode == "on"),
-                                     max_new_tokens=args.eval_max_new_tokens, batch_size=32)
+                                     max_new_tokens=args.eval_max_new_tokens, batch_size=32,
+                                     desc=f"{who}: math, thinking {mode}")
                for mode in ("on", "off")}
     m.train()
     return out
 
 
-before = eval_both_modes(model) if rank == 0 and not args.resume else {}
+before = eval_both_modes(model, "before SFT") if rank == 0 and not args.resume else {}
 
 # ----------------------------------------------------------------------------
 # Training loop over the curriculum
@@ -243,14 +244,14 @@ try:
     check_finite_weights(raw_model, "SFT")
 except NonFiniteError as e:
     sys.exit(f"error: {e}")
-after = eval_both_modes(raw_model) if rank == 0 else {}
+after = eval_both_modes(raw_model, "after SFT") if rank == 0 else {}
 parent_res = {}  # the table's reference row: the parent on the same problems (when SFT did not start from it)
 if rank == 0 and problems and parent_path and os.path.abspath(parent_path) != os.path.abspath(args.init):
     parent_res = eval_both_modes(load_checkpoint(parent_path, dtype=torch.float32, device=device,
-                                                 with_tokenizer=False)[0])
+                                                 with_tokenizer=False)[0], "parent")
 if rank == 0:
     metrics = {"init": args.init, "train_tokens": tokens_seen * world_size, "wall_s": round(time.time() - t0, 1),
-               "final_loss": history[-1]["loss"] if history else None}
+               "final_loss": history[-1]["loss"] if history else None, "eval_problems": len(problems)}
     for when, res in (("parent", parent_res), ("before", before), ("after", after)):
         for mode, r in res.items():
             for k in ("accuracy", "accuracy_multistep", "format_compliance", "mean_response_tokens"):
@@ -263,12 +264,13 @@ if rank == 0:
             wandb_run.log({f"sft/samples_{mode}": table})
     save_checkpoint(raw_model, tokenizer, args.out, stage="sft", args=user_config,
                     meta={"parent": parent_path, "init": args.init, "metrics": metrics, "history": history})
-    write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
+    metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
     states.finish()
     print0(f"\n| mode | metric | {'parent':>8} | {'before':>8} | {'after':>8} |\n|---|---|---|---|---|")
     for mode in ("on", "off"):
         for k in ("accuracy", "accuracy_multistep", "format_compliance", "mean_response_tokens"):
             vals = [metrics.get(f"{w}_{mode}_{k}") for w in ("parent", "before", "after")]
             print0(f"| {mode} | {k} | " + " | ".join(f"{'-' if v is None else round(v, 3):>8}" for v in vals) + " |")
+    print0(f"checkpoint: {args.out}; metrics: {metrics_path}")
 wandb_run.finish()
 compute_cleanup()

@@ -39,7 +39,9 @@ def is_master() -> bool:
 
 def print0(*args, **kwargs):
     if is_master():
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+        with tqdm.external_write_mode():  # a live progress bar steps aside and is redrawn under the line
+            print(*args, **kwargs, flush=True)
 
 
 def barrier():
@@ -156,8 +158,8 @@ def autocast_ctx(device, dtype: torch.dtype | None = None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def progress(iterable, **kwargs):
-    if is_master():
-        from tqdm import tqdm
-        return tqdm(iterable, **kwargs)
-    return iterable
+def progress(iterable=None, disable: bool = False, **kwargs):
+    """A tqdm bar with its ETA (stderr) on the master rank; a silent one elsewhere or with disable=True, with the
+    same methods (update, set_postfix, close), so callers need no rank check."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=disable or not is_master(), **kwargs)

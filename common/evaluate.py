@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from common.checkpoint import (CheckpointError, check_checkpoint, check_metrics_free, load_checkpoint, read_json,
                                write_metrics)
 from common.cli import off_or, positive_int
-from common.dist import resolve_dtype, sync
+from common.dist import progress, resolve_dtype, sync
 from common.generate import generate
 
 # ----------------------------------------------------------------------------
@@ -88,7 +88,8 @@ class TextEval:
         device = _device(model)
         n_tgt = self.ids.shape[0] * (self.ids.shape[1] - 1)
         loss = correct = kl = agree = 0.0
-        for s in range(0, len(self.ids), self.batch_size):
+        batches = range(0, len(self.ids), self.batch_size)
+        for s in progress(batches, desc="text eval" + (" (parent cache)" if cache else ""), unit="batch", leave=False):
             ids = self.ids[s:s + self.batch_size]
             logits = model(ids.to(device), use_cache=False).logits
             for r in range(ids.shape[0]):  # one row at a time: (T, vocab) float32 temporaries stay small
@@ -130,17 +131,20 @@ def problem_text(p: dict) -> str:
 
 
 def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max_new_tokens: int = 256,
-                    batch_size: int = 16, num_samples: int = 3) -> dict:
+                    batch_size: int = 16, num_samples: int = 3, desc: str | None = None) -> dict:
     """Greedy answers under "detailed thinking on"/"off". A problem with `constraints` is scored by the
     instruction-following verifiers (correct = all satisfied); otherwise `answer` is checked on the answer part
-    (after </think>). format_compliance: think block first when on, no think tags when off."""
+    (after </think>). format_compliance: think block first when on, no think tags when off.
+    `desc` names the progress bar (default: "generation, thinking on/off")."""
     from common.data import build_messages, render_prompt
     from common.rewards import answer_correct, format_correct, instruction_following_score
 
     if not problems:
         return {"n": 0}
     prompts = [render_prompt(tokenizer, build_messages(problem_text(p), reasoning)) for p in problems]
-    outs = [o[0] for o in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
+    desc = desc or f"generation, thinking {'on' if reasoning else 'off'}"
+    outs = [o[0] for o in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   desc=f"{desc} ({len(problems)} problems)")]
     correct, fmt, lengths, if_scores, samples = [], [], [], [], []
     for p, text in zip(problems, outs):
         if p.get("constraints"):
@@ -236,18 +240,17 @@ def speed_eval(model, parent=None, batch_sizes=(1, 16), prompt_len: int = 128, g
     t1 = {(k, b): [] for k in models for b in batch_sizes}
     tdec = {(k, b): [] for k in models for b in batch_sizes}
     peak = {}
-    for _ in range(repeats):
-        for b in batch_sizes:
-            for name, m in models.items():
-                t_first = _timed(lambda: gen(m, prompts[b], 1))
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                t_all = _timed(lambda: gen(m, prompts[b], gen_len))
-                if cuda:
-                    peak[(name, b)] = torch.cuda.max_memory_allocated() - base + weight_bytes(m)
-                t1[(name, b)].append(t_first)
-                tdec[(name, b)].append(max(t_all - t_first, 1e-9))
+    runs = [(b, name, m) for _ in range(repeats) for b in batch_sizes for name, m in models.items()]
+    for b, name, m in progress(runs, desc=f"speed ({', '.join(models)})", unit="run"):
+        t_first = _timed(lambda: gen(m, prompts[b], 1))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t_all = _timed(lambda: gen(m, prompts[b], gen_len))
+        if cuda:
+            peak[(name, b)] = torch.cuda.max_memory_allocated() - base + weight_bytes(m)
+        t1[(name, b)].append(t_first)
+        tdec[(name, b)].append(max(t_all - t_first, 1e-9))
     out = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": device.type,
            "batch_sizes": list(batch_sizes), "prompt_len": prompt_len, "gen_len": gen_len, "repeats": repeats,
            "memory": "cuda max_memory_allocated (delta) + weights" if cuda
@@ -286,16 +289,19 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def _gen_suite(model, tokenizer, s: dict) -> dict:
+def _gen_suite(model, tokenizer, s: dict, who: str = "model") -> dict:
     from data_gen.instructions import generate_instructions
     from data_gen.math_problems import eval_problems
 
     math = eval_problems(s["gen_problems"], seed=0)
     chat = generate_instructions(s["if_problems"], seed=0, heldout=True)
     bs = s["gen_batch_size"]
-    return {"gen_on": generation_eval(model, tokenizer, math, True, s["max_new_tokens_on"], bs),
-            "gen_off": generation_eval(model, tokenizer, math, False, s["max_new_tokens_off"], bs),
-            "gen_if": generation_eval(model, tokenizer, chat, False, s["max_new_tokens_off"], bs)}
+    return {"gen_on": generation_eval(model, tokenizer, math, True, s["max_new_tokens_on"], bs,
+                                      desc=f"{who}: math, thinking on"),
+            "gen_off": generation_eval(model, tokenizer, math, False, s["max_new_tokens_off"], bs,
+                                       desc=f"{who}: math, thinking off"),
+            "gen_if": generation_eval(model, tokenizer, chat, False, s["max_new_tokens_off"], bs,
+                                      desc=f"{who}: instruction following")}
 
 
 def _strip_samples(gen: dict) -> dict:
@@ -338,7 +344,7 @@ def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = N
         if same:
             parent_gen = _strip_samples(gen)
         elif parent_gen is None or (parent_gen.get("settings"), parent_gen.get("dtype")) != (out["settings"], out["dtype"]):
-            parent_gen = _strip_samples(_gen_suite(parent, tokenizer, s))
+            parent_gen = _strip_samples(_gen_suite(parent, tokenizer, s, who="parent"))
         parent_gen = {**{k: v for k, v in parent_gen.items() if k not in ("settings", "dtype")},
                       "settings": out["settings"], "dtype": out["dtype"]}
         out["parent_gen"] = parent_gen
@@ -427,7 +433,7 @@ def main(argv=None):
                "wall_s": time.perf_counter() - t0}
     path = write_metrics(args.run_dir, args.stage, metrics, out=args.model)
     print_table(metrics)
-    print(f"{args.stage}: {metrics['dtype']} on {metrics['device']}, {metrics['wall_s']:.0f}s -> {path}")
+    print(f"{args.stage}: {metrics['dtype']} on {metrics['device']}, {metrics['wall_s']:.0f}s; metrics: {path}")
 
 
 if __name__ == "__main__":

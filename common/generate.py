@@ -10,7 +10,9 @@ installed, `load_generator` returns a `VLLMGenerator` (FP8 optional) and `genera
 """
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from common.dist import progress
 
 THINK_TAGS = ("<think>", "</think>")
 
@@ -34,6 +36,17 @@ def _decode_new(tokenizer, ids: list[int], eos_ids: set[int], drop_ids: set[int]
     return tokenizer.decode([t for t in ids if t not in drop_ids], skip_special_tokens=False)
 
 
+class _TickBar(StoppingCriteria):
+    """Moves a progress bar one decode step per call; never stops a row (the outputs are unchanged)."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -44,13 +57,14 @@ def _eos_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()  # not inference_mode: there CPU autocast keeps no weight-cast cache and recasts every weight per token
 def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 128, batch_size: int = 16, stop: list[str] | None = None,
-             seed: int | None = None, return_ids: bool = False) -> list[list]:
+             seed: int | None = None, return_ids: bool = False, desc: str | None = None) -> list[list]:
     """n completions per prompt; greedy when temperature == 0 (then the n copies are identical).
 
     `model` is a causal LM (ours or any HF one) or a VLLMGenerator. `batch_size` counts rows (prompt x sample)
     per HF generate call. `stop` strings end a completion and are cut from it.
     return_ids=True (RL): outs[i][j] is (text, ids), ids the sampled token ids up to and including the first
     EOS (absent when the completion ran into max_new_tokens), exactly the tokens the policy chose.
+    desc: show a progress bar (master rank) over the decode steps of all batches, max_new_tokens per batch.
     """
     if isinstance(model, VLLMGenerator):
         return model.generate(prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
@@ -77,7 +91,9 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
     rows.sort(key=lambda r: len(encoded[r[0]]))
     outs: list[list] = [[] for _ in prompts]
     device = next(model.parameters()).device
-    for start in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    bar = progress(total=len(starts) * max_new_tokens, desc=desc, unit="step", disable=desc is None)
+    for b, start in enumerate(starts):
         chunk = rows[start:start + batch_size]
         seqs = [encoded[i] for i, _ in chunk]
         width = max(len(s) for s in seqs)
@@ -87,7 +103,9 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
             ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[r, width - len(s):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
-                             tokenizer=tokenizer if stop else None)
+                             tokenizer=tokenizer if stop else None,
+                             stopping_criteria=StoppingCriteriaList([_TickBar(bar)]))
+        bar.update((b + 1) * max_new_tokens - bar.n)  # a batch that ended early on EOS: its other steps are done
         for r, (i, _) in enumerate(chunk):
             new = out[r, width:].tolist()
             text = _stop_at(_decode_new(tokenizer, new, set(eos), drop), stop)
@@ -96,6 +114,7 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
                 outs[i].extend([(text, new[:end])] * greedy_copies)
             else:
                 outs[i].extend([text] * greedy_copies)
+    bar.close()
     return outs
 
 

@@ -14,12 +14,21 @@ STAGE_ORDER = ["timings", "parent", "bld", "mip", "mip_2x", "ffn_fusion", "disti
                "kd_ablation", "sft", "sft_parent", "sft_eval", "grpo", "grpo_no_filter", "grpo_eval", "rlhf"]
 
 
-def _fmt(v, nd=4):
+def _fmt(v):
+    """What a reader can use: floats to 3 significant digits ("4.97", "0.0312"), whole from 100 up ("1,234")."""
     if isinstance(v, float):
-        return f"{v:.{nd}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return "-" if v is None else str(v)
+
+
+def _acc(a, n=None, se=None, sign=""):
+    """An accuracy (or a gain, sign="+") to 2 decimals, with its standard error and sample size when known:
+    "0.32 ± 0.05 (n=100)"."""
+    if a is None:
+        return "-"
+    return f"{a:{sign}.2f}" + (f" ± {se:.2f}" if se is not None else "") + (f" (n={n})" if n else "")
 
 
 def _table(header, rows):
@@ -65,11 +74,11 @@ def _evaluation(m, name):
     lines += _table(["LM loss", "next-token acc", "KL(parent‖model)", "top-1 agreement", "tokens"],
                     [(t.get("lm_loss"), t.get("next_token_acc"), t.get("kl_parent"), t.get("top1_agreement"),
                       t.get("tokens"))])
-    rows = [(mode, g.get("n"), g.get("accuracy"), g.get("accuracy_multistep"), g.get("format_compliance"),
+    rows = [(mode, _acc(g.get("accuracy"), g.get("n")), g.get("accuracy_multistep"), g.get("format_compliance"),
              g.get("mean_response_tokens"), g.get("instruction_score"))
             for mode, g in (("thinking on", m.get("gen_on", {})), ("thinking off", m.get("gen_off", {})),
                             ("instruction following", m.get("gen_if", {})))]
-    lines += _table(["generation", "n", "accuracy", "multi-step acc", "format", "mean tokens", "IF score"], rows)
+    lines += _table(["generation", "accuracy", "multi-step acc", "format", "mean tokens", "IF score"], rows)
     if sp.get("model"):
         keys = [k for k in sp["model"] if not k.startswith("peak")]
         lines += _table(["speed (tok/s)", *keys],
@@ -83,8 +92,8 @@ def _bld(m, _):
         ["variants", "trained", "steps", "tokens", "tok/s", "parent forwards / batch", "val loss init → BLD",
          "improved by BLD", "scoring s"],
         [(m["variants"], m["trained_variants"], m["bld_steps"], m["bld_tokens"], m["bld_tok_per_s"],
-          m["parent_forwards_per_batch"], f"{m['val_loss_init_mean']:.4f} → {m['val_loss_bld_mean']:.4f}",
-          m["variants_improved_by_bld"], m["score_seconds"])])
+          m["parent_forwards_per_batch"], f"{_fmt(m['val_loss_init_mean'])} → {_fmt(m['val_loss_bld_mean'])}",
+          m["variants_improved_by_bld"], f"{m['score_seconds']:,.0f}")])
 
 
 def _mip(m, name):
@@ -138,8 +147,9 @@ def _sft(m, _):
         for who in ("parent", "before", "after"):
             if m.get(f"{who}_{mode}_accuracy") is not None:
                 rows.append((f"thinking {mode}", {"before": "init", "after": "SFT"}.get(who, who),
-                             *[m.get(f"{who}_{mode}_{k}") for k in ("accuracy", "accuracy_multistep",
-                                                                   "format_compliance", "mean_response_tokens")]))
+                             _acc(m[f"{who}_{mode}_accuracy"], m.get("eval_problems")),
+                             *[m.get(f"{who}_{mode}_{k}") for k in ("accuracy_multistep", "format_compliance",
+                                                                   "mean_response_tokens")]))
     return lines + _table(["mode", "model", "accuracy", "multi-step acc", "format", "mean tokens"], rows)
 
 
@@ -153,11 +163,9 @@ def _grpo(m, name):
     rows = []
     for mode in ("on", "off"):
         def acc(who):
-            a, se = m.get(f"{who}_{mode}_accuracy"), m.get(f"{who}_{mode}_accuracy_se")
-            return "-" if a is None else f"{a:.3f} ± {se:.3f}"
-        gain = m.get(f"gain_{mode}")
+            return _acc(m.get(f"{who}_{mode}_accuracy"), n, m.get(f"{who}_{mode}_accuracy_se"))
         rows.append((f"thinking {mode}", acc("before"), acc("after"),
-                     "-" if gain is None else f"{gain:+.3f} ± {m[f'gain_{mode}_se']:.3f}",
+                     _acc(m.get(f"gain_{mode}"), se=m.get(f"gain_{mode}_se"), sign="+"),
                      m.get(f"before_{mode}_format_compliance"), m.get(f"after_{mode}_format_compliance"),
                      m.get(f"after_{mode}_mean_response_tokens")))
     return lines + _table(["mode", "accuracy before", "accuracy after", "gain (paired SE)", "format before",
@@ -165,7 +173,8 @@ def _grpo(m, name):
 
 
 def _generic(m, name):
-    flat = {k: v for k, v in _scalars(m).items() if not k.startswith("args.")}
+    flat = {k: f"{v:,.0f}" if k.endswith(("_s", "seconds")) and isinstance(v, float) else v  # seconds: whole
+            for k, v in _scalars(m).items() if not k.startswith("args.")}
     return [f"## {name}", ""] + _table(["metric", "value"], list(flat.items()))
 
 

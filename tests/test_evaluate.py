@@ -87,6 +87,17 @@ def test_generate_cuts_at_stop_string():
     assert stop not in cut and full.startswith(cut)
 
 
+def test_generate_progress_bar_leaves_outputs_unchanged(capsys):
+    model, tok = tiny_model(seed=3), tiny_tokenizer()
+    prompts = ["What is 12 + 30?", "The answer is", "Hi"]
+    sampled = {"n": 2, "temperature": 1.0, "seed": 0, "return_ids": True}  # the same RNG draws with the bar
+    for kw, steps in (({}, 12), (sampled, 18)):  # rows / batch_size 2 = 2 or 3 batches of 6 decode steps
+        plain = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, **kw)
+        capsys.readouterr()
+        assert generate(model, tok, prompts, max_new_tokens=6, batch_size=2, desc="gen test", **kw) == plain
+        assert f"gen test: 100%|██████████| {steps}/{steps}" in capsys.readouterr().err
+
+
 def test_speed_eval_same_model_gives_positive_numbers_and_ratios():
     model = tiny_model()
     s = speed_eval(model, model, batch_sizes=(1, 2), prompt_len=16, gen_len=8, repeats=3)

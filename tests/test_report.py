@@ -21,7 +21,8 @@ def test_report_tables(tmp_path):
     _write(r, "timings", {"bld": 300, "mip_1.5x": 120})
     _write(r, "mip", {"predicted_speedup": 1.6, "measured_speedup": 1.52, "next_token_acc_retention": 0.9,
                       "baselines": [row, dict(row, method="greedy per-layer", kl=0.5)], "sweep": [row]})
-    _write(r, "sft", {"init": "c", "train_tokens": 1000, "parent_on_accuracy": 0.0, "after_on_accuracy": 0.25,
+    _write(r, "sft", {"init": "c", "train_tokens": 1000, "eval_problems": 32, "parent_on_accuracy": 0.0,
+                      "after_on_accuracy": 0.25,
                       "after_on_format_compliance": 1.0, "after_off_accuracy": 0.2})
     _write(r, "kd_ablation", {"student": "c", "tokens_per_trial": 4096, "parent": {"next_token_acc": 0.5},
                               "table": [{"loss": "cosine,fkl", "kl_parent": 0.2, "next_token_acc": 0.45,
@@ -36,13 +37,28 @@ def test_report_tables(tmp_path):
     text = render(r)
     assert "| total | 420 | 7 |" in text
     assert "| greedy per-layer | 1.52 | 1.6 | 90,000,000 | 0.5 | 0.4 | 0.7 |" in text
-    assert "| thinking on | SFT | 0.25 | - | 1 | - |" in text
+    assert "| thinking on | SFT | 0.25 (n=32) | - | 1 | - |" in text
     assert "| cosine,fkl | 0.2 | 0.45 | 0.9 | 0.8 | 3.1 |" in text
     assert "| a.b | 1.5 |" in text
     assert "10 dropped by the filter, 20 with pass rate 0, 54 kept" in text
-    assert "| thinking on | 0.300 ± 0.046 | 0.400 ± 0.049 | +0.100 ± 0.030 | 1 | 0.98 | 120.5 |" in text
+    assert "| thinking on | 0.30 ± 0.05 (n=100) | 0.40 ± 0.05 (n=100) | +0.10 ± 0.03 | 1 | 0.98 | 120 |" in text
     main(["--run-dir", r])
     assert open(os.path.join(r, "REPORT.md")).read().startswith("# Results:")
+
+
+def test_report_rounds_long_floats_to_what_a_reader_can_use(tmp_path):
+    r = str(tmp_path)
+    _write(r, "timings", {"bld": 298})
+    _write(r, "parent", {"model": "p", "dtype": "float32", "speed": {},
+                         "text": {"lm_loss": 3.14159265, "next_token_acc": 0.41234567, "kl_parent": 0.0123456,
+                                  "top1_agreement": 1.0, "tokens": 8192},
+                         "gen_on": {"n": 30, "accuracy": 0.3333333333, "mean_response_tokens": 187.345}})
+    _write(r, "zzz_custom", {"wall_s": 212.63, "speedup": 1.98765, "big": 12345.678})
+    text = render(r)
+    assert "| bld | 298 | 4.97 |" in text  # minutes, not 4.967
+    assert "| 3.14 | 0.412 | 0.0123 | 1 | 8,192 |" in text
+    assert "| thinking on | 0.33 (n=30) | - | - | 187 | - |" in text
+    assert "| wall_s | 213 |" in text and "| speedup | 1.99 |" in text and "| big | 12,346 |" in text
 
 
 def test_report_missing_run_dir(tmp_path):
