@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, save_checkpoint,
-                               write_json_atomic, write_metrics)
+from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, load_meta_matching,
+                               save_checkpoint, write_json_atomic, write_metrics)
 from common.cli import fraction, nonneg_float, nonneg_int, positive_float, positive_int, prob
 from common.data import build_messages, render_prompt
 from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
@@ -58,6 +58,8 @@ p.add_argument("--on-fraction", type=prob, default=0.5, help="share of prompts w
 p.add_argument("--filter-model", default=None, help="model whose pass rates filter the prompts (default: the policy)")
 p.add_argument("--filter-samples", type=positive_int, default=8, help="k samples per candidate prompt")
 p.add_argument("--max-pass-rate", type=fraction, default=0.75, help="drop prompts with pass rate >= this")
+p.add_argument("--min-pass-rate", type=fraction, default=0.0, help="also drop prompts with pass rate below this (0.1 at "
+               "k=8: those never solved, whose groups carry no signal; LN-Ultra kept them)")
 p.add_argument("--no-filter", action="store_true", help="ablation: keep every candidate prompt")
 p.add_argument("--no-curriculum", action="store_true", help="shuffle instead of ordering easy -> hard")
 # rollouts
@@ -232,13 +234,16 @@ if ddp:  # the other ranks read what rank 0 measured
         with open(cache_path) as f:
             rates = json.load(f).get(fingerprint, {})
 cand_rates = [rates.get(key(r), 0.0) for r in candidates]
-kept, counts = pass_rate_filter(candidates, cand_rates, 2.0 if args.no_filter else args.max_pass_rate)
-dropped, n_zero = counts["dropped"], counts["zero"]
+kept, counts = pass_rate_filter(candidates, cand_rates, *((2.0, 0.0) if args.no_filter else
+                                                          (args.max_pass_rate, args.min_pass_rate)))
+dropped, n_zero, hard = counts["dropped"], counts["zero"], counts["dropped_hard"]
 print0(f"pass-rate filter: {len(candidates)} candidates, {dropped} dropped (pass rate >= {args.max_pass_rate}), "
-       f"{n_zero} with pass rate 0, {len(kept)} kept" + (" (--no-filter)" if args.no_filter else ""))
+       f"{n_zero} with pass rate 0" + (f", {hard} dropped as unsolved (< {args.min_pass_rate})" if hard else "") +
+       f", {len(kept)} kept" + (" (--no-filter)" if args.no_filter else ""))
 if not kept:
-    sys.exit(f"error: every prompt was filtered out: {len(candidates)} candidates all have pass rate >= "
-             f"{args.max_pass_rate} under {filter_path}; raise --max-pass-rate or use harder prompts")
+    sys.exit(f"error: every prompt was filtered out: of {len(candidates)} candidates {dropped} have pass rate >= "
+             f"{args.max_pass_rate} and {hard} below --min-pass-rate {args.min_pass_rate} under {filter_path}; "
+             f"widen the band or use more --num-prompts")
 kept = curriculum_order(kept, [rates.get(key(r), 0.0) for r in kept], args.seed, curriculum=not args.no_curriculum)
 torch.manual_seed(args.seed + rank)  # rollouts sample the same whether the filter ran now or came from the cache
 need = args.steps * args.prompts_per_step
@@ -263,14 +268,10 @@ def eval_both_modes(m) -> dict:
 def reuse_before(path) -> dict:
     """The before-GRPO evaluation stored in another GRPO checkpoint of the same policy, problems and budgets."""
     try:
-        meta = load_meta(path)
+        m = load_meta_matching(path, ("grpo",), vars(args), ("policy", "eval_problems", "eval_max_new_tokens",
+                                                              "eval_max_new_tokens_off"))["metrics"]
     except CheckpointError as e:
-        sys.exit(f"error: --before-from: {e}")
-    a, m = meta.get("args", {}), meta.get("metrics", {})
-    keys = ("policy", "eval_problems", "eval_max_new_tokens", "eval_max_new_tokens_off")
-    if meta.get("stage") != "grpo" or any(a.get(k) != getattr(args, k) for k in keys) or "before_on_correct" not in m:
-        sys.exit(f"error: --before-from {path} is not a GRPO run of this policy with the same evaluation "
-                 f"(--{', --'.join(k.replace('_', '-') for k in keys)}); drop the flag to evaluate here")
+        sys.exit(f"error: {e}")
     print0(f"before: reused from {path}")
     return {mode: {k: m.get(f"before_{mode}_{k}") for k in ("accuracy", "accuracy_multistep", "format_compliance",
                                                             "mean_response_tokens", "correct")}
@@ -360,6 +361,7 @@ if rank == 0:
     t0 = time.time()
     after = eval_both_modes(model)
     metrics = {"policy": args.policy, "candidates": len(candidates), "dropped_by_filter": dropped,
+               "dropped_unsolved": hard, "min_pass_rate": 0.0 if args.no_filter else args.min_pass_rate,
                "pass_rate_zero": n_zero, "kept_prompts": len(kept), "filter": not args.no_filter,
                "curriculum": not args.no_curriculum, "filter_seconds": round(filter_seconds, 1),
                "rollout_steps": args.steps, "train_wall_s": round(time.time() - t_start, 1),

@@ -37,7 +37,8 @@ import time
 
 import torch
 
-from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoint, load_meta, save_checkpoint, write_metrics
+from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, load_meta_matching,
+                               save_checkpoint, write_metrics)
 from common.cli import nonneg_float, nonneg_int, positive_float, positive_int, prob
 from common.data import build_messages, end_of_turn_id, render_prompt
 from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
@@ -125,6 +126,8 @@ p.add_argument("--no-eval-rm", action="store_true", help="skip the reward model'
 p.add_argument("--eval-max-new-tokens", type=positive_int, default=320)
 p.add_argument("--eval-max-new-tokens-off", type=positive_int, default=96)
 p.add_argument("--eval-batch-size", type=positive_int, default=32)
+p.add_argument("--before-from", default=None, help="an earlier 07 run of the same --policy, evaluation and reward "
+               "model whose before-training evaluation to reuse (a loss ablation)")
 p.add_argument("--samples-every", type=positive_int, default=4, help="steps between W&B sample tables")
 p.add_argument("--run-dir", default=None, help="where metrics/<name>.json goes (default: the parent of --out)")
 p.add_argument("--metrics-name", default=None, help="default rlhf_<algo> (rpo: rlhf_rpo_<loss>[_online])")
@@ -169,6 +172,14 @@ try:  # everything read from disk is checked before the first model loads
         file_pairs = read_pairs(pairs_path)
     states = RunStates(args.out, user_config, resume=args.resume, budget_keys=("steps", "online", "save_every"), keep=3)
     check_metrics_free(run_dir, args.metrics_name, args.out)
+    reused_before = None
+    if args.before_from and algo != "reward_model":  # what the earlier run must share with this one
+        keys = ("policy", "reward_model", "no_eval_rm", "eval_if", "eval_if_modes", "eval_math", "eval_max_new_tokens",
+                "eval_max_new_tokens_off")
+        reused_before = load_meta_matching(args.before_from, ("rlhf_rloo", "rlhf_rpo", "rlhf_grpo-rm"), vars(args),
+                                           keys).get("before")
+        if not reused_before:
+            bad(f"--before-from {args.before_from} holds no before-training evaluation; drop the flag to evaluate here")
 except (CheckpointError, ValueError) as e:
     bad(e)
 # where RPO's rewards come from: the reward model, else the file's, else the verifiers (online: model or verifier)
@@ -423,6 +434,9 @@ if args.resume:
     st = states.load(trained, optimizer)
     start, history, before = int(st["step"]), json.loads(st["history_json"]), json.loads(st["before_json"])
     print0(f"resumed from {states.latest()}: {start} of {total} {'iterations' if args.online else 'steps'}")
+elif reused_before is not None:
+    before = reused_before if rank == 0 else {}
+    print0(f"evaluation before: reused from {args.before_from}")
 else:
     t0 = time.time()
     before = evaluate()
@@ -589,7 +603,8 @@ if rank == 0:
         metrics["sampled_reward_per_iteration"] = [h["sampled_reward"] for h in history]
     samples = {k: v.get("samples") for k, v in after.items() if isinstance(v, dict) and "samples" in v}
     meta = {"parent": policy_meta.get("parent") or args.policy, "init": args.policy, "reward_model": args.reward_model,
-            "pairs": pairs_path if offline else None, "metrics": metrics, "history": history, "samples": samples}
+            "pairs": pairs_path if offline else None, "metrics": metrics, "history": history, "samples": samples,
+            "before": before}  # per-item results: --before-from of a later ablation reuses them
     if algo == "reward_model":  # the policy samples it trained on travel with it
         extra = {"policy_pairs.jsonl": lambda path: shutil.copy(policy_pairs_path, path)} if args.policy_pairs else None
         save_reward_model(rm, tokenizer, args.out, args=user_config, meta=meta, extra_files=extra)

@@ -171,6 +171,19 @@ def load_meta(path: str) -> dict:
     return read_json(os.path.join(path, "meta.json"))
 
 
+def load_meta_matching(path: str, stages: tuple, args: dict, keys: tuple, flag: str = "--before-from") -> dict:
+    """meta.json of a finished checkpoint written by one of `stages` with the same values of `keys` as `args`: an
+    ablation reusing another run's measurement (e.g. the before-training evaluation) of the same input."""
+    meta = load_meta(path)
+    theirs = meta.get("args", {})
+    diff = [k for k in keys if theirs.get(k) != args.get(k)]
+    if meta.get("stage") not in stages or diff:
+        raise CheckpointError(f"{flag} {path} is not a {'/'.join(stages)} run with the same "
+                              f"{', '.join('--' + k.replace('_', '-') for k in (diff or keys))}; drop the flag to "
+                              f"measure here")
+    return meta
+
+
 def load_checkpoint(path: str, dtype=torch.float32, device="cpu", with_tokenizer: bool = True):
     """(model, tokenizer) from a finished checkpoint of ours; eval mode."""
     import common  # noqa: F401  (registers nemotron-nas with the Auto classes)

@@ -252,12 +252,18 @@ def train_on_rollout(model, optimizer, rollout: Rollout, rewards: torch.Tensor, 
 # Prompt selection: LN-Ultra's pass-rate filter and easy-to-hard curriculum
 
 
-def pass_rate_filter(items: list, rates: list[float], max_pass_rate: float = 0.75) -> tuple[list, dict]:
+def pass_rate_filter(items: list, rates: list[float], max_pass_rate: float = 0.75,
+                     min_pass_rate: float = 0.0) -> tuple[list, dict]:
     """Keep the items whose pass rate (fraction of k samples a model solved) is below max_pass_rate: prompts the
-    model already solves teach nothing. Returns (kept, counts: candidates / dropped / zero (pass rate 0) / kept)."""
-    kept = [x for x, r in zip(items, rates) if r < max_pass_rate]
-    return kept, {"candidates": len(items), "dropped": len(items) - len(kept), "zero": sum(r == 0 for r in rates),
-                  "kept": len(kept)}
+    model already solves teach nothing. min_pass_rate > 0 also drops the prompts solved less often than that (at
+    k = 8, 0.1 drops those never solved): a group of all-wrong answers has no signal either, and on a small compute
+    budget the rollouts go to prompts that can teach (DAPO's dynamic sampling, decided once from the pass rates;
+    LN-Ultra kept them). Returns (kept, counts: candidates / dropped (too easy) / zero (pass rate 0) /
+    dropped_hard (below min_pass_rate) / kept)."""
+    kept = [x for x, r in zip(items, rates) if min_pass_rate <= r < max_pass_rate]
+    easy = sum(r >= max_pass_rate for r in rates)
+    return kept, {"candidates": len(items), "dropped": easy, "zero": sum(r == 0 for r in rates),
+                  "dropped_hard": len(items) - easy - len(kept), "kept": len(kept)}
 
 
 def curriculum_order(items: list, rates: list[float], seed=0, curriculum: bool = True) -> list:

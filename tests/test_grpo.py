@@ -75,8 +75,10 @@ def test_k3_kl_zero_when_equal_and_positive_otherwise():
 def test_pass_rate_filter_and_curriculum_order():
     items, rates = ["a", "b", "c", "d", "e"], [0.0, 0.875, 0.5, 0.75, 0.25]
     kept, counts = pass_rate_filter(items, rates, 0.75)
-    assert kept == ["a", "c", "e"] and counts == {"candidates": 5, "dropped": 2, "zero": 1, "kept": 3}
+    assert kept == ["a", "c", "e"] and counts == {"candidates": 5, "dropped": 2, "zero": 1, "dropped_hard": 0, "kept": 3}
     assert curriculum_order(kept, [0.0, 0.5, 0.25]) == ["c", "e", "a"]  # easy (high pass rate) to hard
+    kept, counts = pass_rate_filter(items, rates, 0.75, min_pass_rate=0.1)  # never solved: no signal either
+    assert kept == ["c", "e"] and counts["dropped_hard"] == 1 and counts["kept"] == 2
     shuffled = curriculum_order(items, rates, seed=3, curriculum=False)
     assert sorted(shuffled) == items and shuffled == curriculum_order(items, rates, seed=3, curriculum=False)
 

@@ -422,6 +422,24 @@ def test_bad_input_is_one_line_and_writes_nothing(stage, tmp_path):
     assert os.path.isfile(d / "rpo" / "COMPLETED")
 
 
+def test_before_from_reuses_the_before_evaluation_of_the_same_policy_and_eval(stage):
+    d, _ = stage
+    rs = _run_all({
+        "dpo": _cmd(d, "dpo", "--algo", "rpo", "--rpo-loss", "dpo", "--reward-model", str(d / "rm"), "--steps", "1",
+                    "--pairs-per-step", "4", "--before-from", str(d / "rpo")),
+        "other_eval": _cmd(d, "bad_before", "--algo", "rpo", "--rpo-loss", "dpo", "--reward-model", str(d / "rm"),
+                           "--before-from", str(d / "rloo"), "--metrics-name", "bad_before"),  # rloo: IF on,off
+    })
+    assert rs["dpo"].returncode == 0, rs["dpo"].stderr[-3000:]
+    assert "reused from" in rs["dpo"].stdout
+    a, b = _metrics(d, "rlhf_rpo_dpo"), _metrics(d, "rlhf_rpo_rpo_sq")
+    before = [k for k in b if k.startswith("before_")]
+    assert before and all(a[k] == b[k] for k in before)
+    r = rs["other_eval"]
+    assert r.returncode != 0 and _last_line(r).startswith("error: --before-from") and "--eval-if-modes" in _last_line(r)
+    assert not os.path.exists(d / "bad_before")
+
+
 def test_rpo_and_reward_model_updates_on_two_ranks_equal_one_process(tmp_path):
     """Data parallel: two ranks holding 3 and 2 of five pairs give the same weights as one process with all five
     (losses normalized by the global pair count, gradients summed across ranks)."""
