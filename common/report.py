@@ -11,7 +11,8 @@ import json
 import os
 
 STAGE_ORDER = ["timings", "parent", "bld", "mip", "mip_2x", "ffn_fusion", "distill", "distill_1.5x", "distill_2x",
-               "kd_ablation", "sft", "sft_parent", "sft_eval", "grpo", "grpo_no_filter", "grpo_eval", "rlhf"]
+               "kd_ablation", "sft", "sft_parent", "sft_eval", "grpo", "grpo_no_filter", "grpo_eval", "rlhf_rloo",
+               "rlhf_reward_model", "rlhf_rpo_rpo_sq", "rlhf_rpo_rpo_bwd_kl", "rlhf_rpo_dpo", "rlhf_grpo_rm", "rpo_eval"]
 
 
 def _fmt(v):
@@ -29,6 +30,13 @@ def _acc(a, n=None, se=None, sign=""):
     if a is None:
         return "-"
     return f"{a:{sign}.2f}" + (f" ± {se:.2f}" if se is not None else "") + (f" (n={n})" if n else "")
+
+
+def _val(v, n=None, se=None, sign=""):
+    """A score that is not a rate (a reward model's logit) like _acc: 3 significant digits, "± se", "(n=...)"."""
+    if v is None:
+        return "-"
+    return f"{v:{sign}.3g}" + (f" ± {se:.2g}" if se is not None else "") + (f" (n={n})" if n else "")
 
 
 def _table(header, rows):
@@ -172,6 +180,56 @@ def _grpo(m, name):
                            "format after", "mean tokens after"], rows)
 
 
+def _rlhf(m, name):
+    """07 RLOO / RPO / GRPO-vs-RM: held-out instruction following, the reward model's score of the answers and
+    math ("nothing lost"), before and after with standard errors, n, and the paired gain."""
+    online = f", {m['online_iterations']} online iterations" if m.get("online_iterations") else ""
+    lines = [f"## 07 {m['algo']}{' ' + m['rpo_loss'] if m.get('rpo_loss') else ''} ({name}: policy {m['policy']}, "
+             f"{m['steps']} steps{online})", ""]
+    rows = []
+    for key, label in (("if_off_all_met", "IF all constraints met (off)"), ("if_on_all_met", "IF all met (on)"),
+                       ("if_off_fraction_met", "IF fraction met (off)"), ("if_on_fraction_met", "IF fraction met (on)"),
+                       ("if_off_rm_score", "reward-model score (IF, off)"), ("if_on_rm_score", "reward-model score (IF, on)"),
+                       ("math_on_accuracy", "math accuracy, thinking on"), ("math_off_accuracy", "math accuracy, thinking off"),
+                       ("math_on_format_compliance", "toggle format, on"), ("math_off_format_compliance", "toggle format, off")):
+        if m.get(f"after_{key}") is None:
+            continue
+        n = m.get("eval_math_problems" if key.startswith("math") else "eval_if_prompts")
+        cell = _val if "rm_score" in key else _acc
+        rows.append((label, n, *[cell(m.get(f"{w}_{key}"), se=m.get(f"{w}_{key}_se"), sign="+" if w == "gain" else "")
+                                 for w in ("before", "after", "gain")]))
+    lines += _table(["held-out", "n", "before", "after", "gain (paired SE)"], rows)
+    if m.get("sampled_reward_per_iteration"):
+        lines += ["Online RPO, mean reward of the sampled answers per iteration: " +
+                  " → ".join(_fmt(v) for v in m["sampled_reward_per_iteration"]), ""]
+    return lines
+
+
+def _reward_model(m, name):
+    """07 reward model: pairwise accuracy on held-out pairs, per kind; the unseen kind was never trained on."""
+    from data_gen.preferences import KINDS
+    lines = [f"## 07 Reward model ({name}: {m['steps']} steps, {m['eval_pairs']} held-out pairs)", ""]
+    rows = [("held-out pairs of the trained kinds", _acc(m.get("before_heldout_accuracy"), se=m.get("before_heldout_accuracy_se")),
+             _acc(m.get("after_heldout_accuracy"), se=m.get("after_heldout_accuracy_se")))]
+    rows += [(f"{k}{' (never trained on)' if k == m.get('unseen_kind') else ''}", _acc(m.get(f"before_accuracy_{k}")),
+              _acc(m.get(f"after_accuracy_{k}"))) for k in KINDS if f"after_accuracy_{k}" in m]
+    return lines + _table(["pairwise accuracy", "before training", "after"], rows)
+
+
+def _rpo_losses(metrics: dict) -> list[str]:
+    """The paper's choice of loss: every offline RPO run of the same policy side by side."""
+    runs = [(n, m) for n, m in metrics.items() if m.get("algo") == "rpo" and not m.get("online_iterations")]
+    if len(runs) < 2:
+        return []
+    rows = [(m["rpo_loss"], m["steps"], _val(m.get("before_if_off_rm_score")), _val(m.get("after_if_off_rm_score")),
+             _val(m.get("gain_if_off_rm_score"), se=m.get("gain_if_off_rm_score_se"), sign="+"),
+             _acc(m.get("gain_if_off_all_met"), se=m.get("gain_if_off_all_met_se"), sign="+"),
+             _acc(m.get("gain_math_on_accuracy"), se=m.get("gain_math_on_accuracy_se"), sign="+"))
+            for _, m in runs]
+    return ["## 07 RPO: the loss at the same budget", ""] + _table(
+        ["loss", "steps", "RM score before", "after", "gain (paired SE)", "IF all-met gain", "math (on) gain"], rows)
+
+
 def _generic(m, name):
     flat = {k: f"{v:,.0f}" if k.endswith(("_s", "seconds")) and isinstance(v, float) else v  # seconds: whole
             for k, v in _scalars(m).items() if not k.startswith("args.")}
@@ -195,6 +253,10 @@ def _renderer(name, m):
         return _sft
     if name.startswith("grpo") and "rollout_steps" in m:
         return _grpo
+    if m.get("algo") == "reward_model":
+        return _reward_model
+    if m.get("algo") in ("rloo", "rpo", "grpo-rm"):
+        return _rlhf
     if "text" in m and "speed" in m:
         return _evaluation
     return _generic
@@ -202,12 +264,13 @@ def _renderer(name, m):
 
 def render(run_dir: str) -> str:
     lines = [f"# Results: {run_dir}", ""]
-    for name, m in load_metrics(run_dir).items():
+    metrics = load_metrics(run_dir)
+    for name, m in metrics.items():
         try:
             lines += _renderer(name, m)(m, name)
         except (KeyError, TypeError, ZeroDivisionError):  # an older or partial metrics file: list what it has
             lines += _generic(m, name)
-    return "\n".join(lines)
+    return "\n".join(lines + _rpo_losses(metrics))
 
 
 def main(argv=None):

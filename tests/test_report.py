@@ -61,6 +61,34 @@ def test_report_rounds_long_floats_to_what_a_reader_can_use(tmp_path):
     assert "| wall_s | 213 |" in text and "| speedup | 1.99 |" in text and "| big | 12,346 |" in text
 
 
+def test_report_rlhf_tables(tmp_path):
+    r = str(tmp_path)
+    base = {"policy": "g", "steps": 16, "eval_if_prompts": 100, "eval_math_problems": 100, "online_iterations": 0,
+            "before_if_off_all_met": 0.2, "after_if_off_all_met": 0.3, "after_if_off_all_met_se": 0.0458,
+            "gain_if_off_all_met": 0.1, "gain_if_off_all_met_se": 0.03, "before_if_off_rm_score": -1.23456,
+            "after_if_off_rm_score": 0.5, "gain_if_off_rm_score": 1.73456, "gain_if_off_rm_score_se": 0.2,
+            "before_math_on_accuracy": 0.3, "after_math_on_accuracy": 0.31, "gain_math_on_accuracy": 0.01,
+            "after_math_on_format_compliance": 1.0}
+    _write(r, "rlhf_rloo", dict(base, algo="rloo"))
+    _write(r, "rlhf_rpo_rpo_sq", dict(base, algo="rpo", rpo_loss="rpo_sq"))
+    _write(r, "rlhf_rpo_dpo", dict(base, algo="rpo", rpo_loss="dpo", gain_if_off_rm_score=0.5))
+    _write(r, "rlhf_rpo_rpo_bwd_kl_online", dict(base, algo="rpo", rpo_loss="rpo_bwd_kl", online_iterations=2,
+                                                 sampled_reward_per_iteration=[0.1234, 0.2]))
+    _write(r, "rlhf_reward_model", {"algo": "reward_model", "steps": 48, "eval_pairs": 200, "unseen_kind": "truncated",
+                                    "before_heldout_accuracy": 0.5, "after_heldout_accuracy": 0.9,
+                                    "after_heldout_accuracy_se": 0.02, "after_accuracy_truncated": 0.4,
+                                    "after_accuracy_wrong_answer": 0.95})
+    text = render(r)
+    assert "| IF all constraints met (off) | 100 | 0.20 | 0.30 ± 0.05 | +0.10 ± 0.03 |" in text
+    assert "| reward-model score (IF, off) | 100 | -1.23 | 0.5 | +1.73 ± 0.2 |" in text
+    assert "| toggle format, on | 100 | - | 1.00 | - |" in text
+    assert "mean reward of the sampled answers per iteration: 0.123 → 0.2" in text
+    assert "| truncated (never trained on) | - | 0.40 |" in text and "| wrong_answer | - | 0.95 |" in text
+    loss_table = text[text.index("## 07 RPO: the loss at the same budget"):]
+    assert "| rpo_sq | 16 |" in loss_table and "| dpo | 16 | -1.23 | 0.5 | +0.5 ± 0.2 |" in loss_table
+    assert "rpo_bwd_kl" not in loss_table  # the online run is not at the same budget
+
+
 def test_report_missing_run_dir(tmp_path):
     with pytest.raises(SystemExit, match="run the stages first"):
         main(["--run-dir", str(tmp_path / "nope")])
