@@ -87,8 +87,7 @@ def parse_args(argv=None):
 
 
 def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(f"error: {msg}")  # printed on the way out, after every `with progress(...)` bar has closed: stays last
 
 
 def auto_or_list(s):
@@ -374,34 +373,35 @@ def main(argv=None):
     # ------------------------------------------------------------------------
     # BLD loop
     t0, tokens_seen = time.time(), 0
-    for step in range(start, total_steps):
-        lr = lr_at(step, total_steps, args.lr, int(args.warmup_frac * total_steps), args.min_lr_frac * args.lr)
-        set_lr(optimizer, lr)
-        losses = bld_step(parent, batches[step], jobs_at, modules, autocast)
-        mean_loss = sum(losses.values()) / max(1, len(losses))
-        norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip) for m in modules.values()]
-        bad = [k for k, v in losses.items() if not math.isfinite(v)]
-        where = f"BLD step {step + 1}" + (f" for {bad[:3]}" if bad else "")
-        try:  # a NaN gradient with a finite loss must not reach the weights (and the next state)
-            check_finite_update(modules, mean_loss, torch.stack(norms).norm().item() if norms else 0.0,
-                                f"{where} (last good state: {run_states.latest() or 'none'})")
-        except NonFiniteError as e:
-            die(str(e))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for k, v in losses.items():
-            curves[k].append(v)
-        tokens_seen += batches[step].numel()
-        tok_s = tokens_seen / (time.time() - t0)
-        print0(f"step {step + 1}/{total_steps} | lr {lr:.2e} | mean BLD loss {mean_loss:.4f} | {tok_s:.0f} tok/s")
-        wandb_run.log({"step": step + 1, "lr": lr, "bld/mean_loss": mean_loss, "bld/tok_per_s": tok_s,
-                       **{f"bld/{k}": v for k, v in losses.items()}})
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            try:
-                check_finite_weights(modules, f"BLD step {step + 1}")
+    with progress(range(start, total_steps), initial=start, total=total_steps, desc="BLD", unit="step") as bar:
+        for step in bar:
+            lr = lr_at(step, total_steps, args.lr, int(args.warmup_frac * total_steps), args.min_lr_frac * args.lr)
+            set_lr(optimizer, lr)
+            losses = bld_step(parent, batches[step], jobs_at, modules, autocast)
+            mean_loss = sum(losses.values()) / max(1, len(losses))
+            norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip) for m in modules.values()]
+            bad = [k for k, v in losses.items() if not math.isfinite(v)]
+            where = f"BLD step {step + 1}" + (f" for {bad[:3]}" if bad else "")
+            try:  # a NaN gradient with a finite loss must not reach the weights (and the next state)
+                check_finite_update(modules, mean_loss, torch.stack(norms).norm().item() if norms else 0.0,
+                                    f"{where} (last good state: {run_states.latest() or 'none'})")
             except NonFiniteError as e:
                 die(str(e))
-            run_states.save(step + 1, modules, optimizer, curves=curves)  # keep=1: optimizer moments are large
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                curves[k].append(v)
+            tokens_seen += batches[step].numel()
+            tok_s = tokens_seen / (time.time() - t0)
+            print0(f"step {step + 1}/{total_steps} | lr {lr:.2e} | mean BLD loss {mean_loss:.4f} | {tok_s:.0f} tok/s")
+            wandb_run.log({"step": step + 1, "lr": lr, "bld/mean_loss": mean_loss, "bld/tok_per_s": tok_s,
+                           **{f"bld/{k}": v for k, v in losses.items()}})
+            if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+                try:
+                    check_finite_weights(modules, f"BLD step {step + 1}")
+                except NonFiniteError as e:
+                    die(str(e))
+                run_states.save(step + 1, modules, optimizer, curves=curves)  # keep=1: optimizer moments are large
     bld_time = time.time() - t0
     bld_tok_s = tokens_seen * 1.0 / bld_time if tokens_seen else 0.0
 

@@ -177,7 +177,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     user_config = vars(args).copy()
     torch.set_num_threads(args.threads)
-    from common.dist import all_reduce_mean, autocast_ctx, compute_init, print0, resolve_dtype, wrap_ddp, wrap_fsdp
+    from common.dist import (all_reduce_mean, autocast_ctx, compute_init, print0, progress, resolve_dtype, wrap_ddp,
+                             wrap_fsdp)
     from common.tracking import init_wandb
 
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
@@ -264,8 +265,9 @@ def main(argv=None):
     parent_eval = (getattr(text_eval, "parent_metrics", None) or evaluate(teacher)) if text_eval else {}
 
     # -------------------------------------------------------------------- training
-    def train(model0, losses, resume_from=None):
-        """KD (then CPT) phases; returns the history. Exits non-zero on a NaN / exploding loss."""
+    def train(model0, losses, resume_from=None, trial=""):
+        """KD (then CPT) phases; returns the history. Exits non-zero on a NaN / exploding loss. trial: the bar's
+        label for an ablation trial."""
         model = model0
         model.train()
         if args.fsdp:
@@ -280,58 +282,63 @@ def main(argv=None):
             print0(f"resumed from {resume_from} at step {start}" + (" with a fresh optimizer" if args.reset_optimizer else ""))
         total = sum(s for _, s, _ in phases)
         t0, tokens = time.time(), 0
-        for step in range(start, total):
-            phase, offset = phases[0], 0
-            for ph in phases:  # which phase this global step is in
-                if step < offset + ph[1]:
-                    phase = ph
-                    break
-                offset += ph[1]
-            name, steps, peak = phase
-            lr = lr_at(step - offset, steps, peak, int(args.warmup_frac * steps), peak * args.min_lr_frac)
-            set_lr(optimizer, lr)
-            obj = losses if name == "kd" else cpt
-            loss_sum, parts_sum = torch.zeros((), device=device), {}
-            for micro in range(args.grad_accum):
-                ids = micro_batch(step, micro)
-                need_hidden = "cosine" in obj
-                with torch.no_grad(), autocast():
-                    t_out = teacher(ids, use_cache=False, output_hidden_states=need_hidden) if set(obj) != {"lm"} else None
-                with autocast():
-                    s_out = model(ids, use_cache=False, output_hidden_states=need_hidden)
-                loss, parts = kd_loss(s_out, t_out, obj, ids, args.temperature, layer_pairs)
-                if step == args.debug_nan_step:
-                    loss = loss * float("nan")
-                (loss / args.grad_accum).backward()
-                loss_sum += loss.detach() / args.grad_accum
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v / args.grad_accum
-                tokens += ids.numel() * world_size
-            loss_val = all_reduce_mean(loss_sum).item() if world_size > 1 else loss_sum.item()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            gnorm = gnorm.full_tensor().item() if hasattr(gnorm, "full_tensor") else gnorm.item()
-            last = (states.latest() if states else None) or "none (set --save-every)"
-            try:  # a NaN loss, or a NaN/inf gradient under a finite loss, never reaches the weights
-                check_finite_update(model, loss_val, gnorm, f"{name} step {step} (last good state: {last})")
-            except NonFiniteError as e:
-                sys.exit(f"error: {e}")
-            recent = [h["loss"] for h in history[-10:] if h["phase"] == name]
-            recent_mean = sum(recent) / max(1, len(recent))
-            if args.explode_factor > 0 and len(recent) >= 3 and loss_val > args.explode_factor * recent_mean:
-                sys.exit(f"error: {name} loss {loss_val:.4g} at step {step} is exploding (> {args.explode_factor}x "
-                         f"recent mean); stopped without saving. Last good state: {last}; rerun with --resume "
-                         f"--reset-optimizer and a lower --lr")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append({"step": step, "phase": name, "loss": loss_val, "lr": lr, "grad_norm": gnorm, **parts_sum})
-            tps = tokens / (time.time() - t0)
-            wandb_run.log({f"{name}/loss": loss_val, f"{name}/lr": lr, f"{name}/grad_norm": gnorm, f"{name}/tok_per_s": tps,
-                           **{f"{name}/{k}": v for k, v in parts_sum.items()}}, step=step)
-            if step % 5 == 0 or step == total - 1:
-                print0(f"{name} step {step + 1}/{total} loss {loss_val:.4f} "
-                       + " ".join(f"{k} {v:.4f}" for k, v in parts_sum.items()) + f" lr {lr:.2e} {tps:.0f} tok/s")
-            if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total and not ablation:
-                save_state(model, optimizer, step + 1, history)
+        with progress(range(start, total), initial=start, total=total, unit="step") as bar:
+            for step in bar:
+                phase, offset = phases[0], 0
+                for ph in phases:  # which phase this global step is in
+                    if step < offset + ph[1]:
+                        phase = ph
+                        break
+                    offset += ph[1]
+                name, steps, peak = phase
+                if step in (start, offset):  # this run's first step or a phase's: name it on the bar
+                    bar.set_description(name + trial)
+                lr = lr_at(step - offset, steps, peak, int(args.warmup_frac * steps), peak * args.min_lr_frac)
+                set_lr(optimizer, lr)
+                obj = losses if name == "kd" else cpt
+                loss_sum, parts_sum = torch.zeros((), device=device), {}
+                for micro in range(args.grad_accum):
+                    ids = micro_batch(step, micro)
+                    need_hidden = "cosine" in obj
+                    with torch.no_grad(), autocast():
+                        t_out = (teacher(ids, use_cache=False, output_hidden_states=need_hidden)
+                                 if set(obj) != {"lm"} else None)
+                    with autocast():
+                        s_out = model(ids, use_cache=False, output_hidden_states=need_hidden)
+                    loss, parts = kd_loss(s_out, t_out, obj, ids, args.temperature, layer_pairs)
+                    if step == args.debug_nan_step:
+                        loss = loss * float("nan")
+                    (loss / args.grad_accum).backward()
+                    loss_sum += loss.detach() / args.grad_accum
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + v / args.grad_accum
+                    tokens += ids.numel() * world_size
+                loss_val = all_reduce_mean(loss_sum).item() if world_size > 1 else loss_sum.item()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                gnorm = gnorm.full_tensor().item() if hasattr(gnorm, "full_tensor") else gnorm.item()
+                last = (states.latest() if states else None) or "none (set --save-every)"
+                try:  # a NaN loss, or a NaN/inf gradient under a finite loss, never reaches the weights
+                    check_finite_update(model, loss_val, gnorm, f"{name} step {step} (last good state: {last})")
+                except NonFiniteError as e:
+                    sys.exit(f"error: {e}")
+                recent = [h["loss"] for h in history[-10:] if h["phase"] == name]
+                recent_mean = sum(recent) / max(1, len(recent))
+                if args.explode_factor > 0 and len(recent) >= 3 and loss_val > args.explode_factor * recent_mean:
+                    sys.exit(f"error: {name} loss {loss_val:.4g} at step {step} is exploding (> {args.explode_factor}x "
+                             f"recent mean); stopped without saving. Last good state: {last}; rerun with --resume "
+                             f"--reset-optimizer and a lower --lr")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                history.append({"step": step, "phase": name, "loss": loss_val, "lr": lr, "grad_norm": gnorm,
+                                **parts_sum})
+                tps = tokens / (time.time() - t0)
+                wandb_run.log({f"{name}/loss": loss_val, f"{name}/lr": lr, f"{name}/grad_norm": gnorm,
+                               f"{name}/tok_per_s": tps, **{f"{name}/{k}": v for k, v in parts_sum.items()}}, step=step)
+                if step % 5 == 0 or step == total - 1:
+                    print0(f"{name} step {step + 1}/{total} loss {loss_val:.4f} "
+                           + " ".join(f"{k} {v:.4f}" for k, v in parts_sum.items()) + f" lr {lr:.2e} {tps:.0f} tok/s")
+                if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total and not ablation:
+                    save_state(model, optimizer, step + 1, history)
         return history, model
 
     def full_state(model):
@@ -360,7 +367,7 @@ def main(argv=None):
         table = [{"loss": "none (no uptraining)", **evaluate(student)}]
         for spec, losses in zip(ablation, specs):
             student.load_state_dict(init_state)
-            hist, _ = train(student, losses)
+            hist, _ = train(student, losses, trial=f" ({spec})")
             table.append({"loss": spec, "final_train_loss": hist[-1]["loss"], **evaluate(student)})
             print0(f"ablation {spec}: {table[-1]}")
         if rank == 0:

@@ -29,7 +29,7 @@ from common.checkpoint import write_metrics
 from common.cli import (float_list, fraction, int_list, nonneg_float, nonneg_int, off_or, positive_float,
                         positive_int, prob)
 from common.data import IGNORE, collate, pack_examples, tokenize_sft_example
-from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, shard_list, wrap_ddp
+from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, shard_list, wrap_ddp
 from common.evaluate import generation_eval
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
@@ -198,44 +198,45 @@ for s in range(start["stage"], 3):
     warmup = int(args.warmup_frac * steps)
     first = start["step"] if s == start["stage"] else 0
     print0(f"SFT stage {s + 1}: {len(stage_records[s])} records -> {len(rows)} packed rows/rank, {steps} steps, lr {lrs[s]}")
-    for step in range(first, steps):
-        lr = lr_at(step, steps, lrs[s], warmup, lrs[s] * args.min_lr_frac)
-        set_lr(optimizer, lr)
-        loss_sum = 0.0
-        for micro in range(args.grad_accum):
-            i = (step * args.grad_accum + micro) * args.batch_size
-            batch = collate(rows[i:i + args.batch_size])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_ctx(device):
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False,
-                            return_logits=False)
-            (out.loss / args.grad_accum).backward()
-            loss_sum += out.loss.item() / args.grad_accum
-            tokens_seen += int((batch["seq_ids"] >= 0).sum())
-        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
-        try:  # a NaN loss, or a NaN/inf gradient under a finite loss, never reaches the weights
-            check_finite_update(raw_model, loss_sum, gnorm, f"SFT stage {s + 1} step {step + 1} "
-                                f"(last good state: {states.latest() or 'none'})")
-        except NonFiniteError as e:
-            sys.exit(f"error: {e}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        start["global_step"] += 1
-        history.append({"stage": s + 1, "step": step, "loss": loss_sum, "grad_norm": gnorm})
-        wandb_run.log({"sft/loss": loss_sum, "sft/lr": lr, "sft/grad_norm": gnorm, "sft/stage": s + 1,
-                       "sft/tok_per_s": tokens_seen / (time.time() - t0)}, step=start["global_step"])
-        if step % 10 == 0 or step == steps - 1:
-            print0(f"stage {s + 1} step {step + 1}/{steps} loss {loss_sum:.4f} lr {lr:.2e} "
-                   f"{tokens_seen / (time.time() - t0):.0f} tok/s")
-        if rank == 0 and args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < steps:
-            try:
-                check_finite_weights(raw_model, f"SFT stage {s + 1} step {step + 1}")
+    with progress(range(first, steps), initial=first, total=steps, desc=f"SFT stage {s + 1}", unit="step") as bar:
+        for step in bar:
+            lr = lr_at(step, steps, lrs[s], warmup, lrs[s] * args.min_lr_frac)
+            set_lr(optimizer, lr)
+            loss_sum = 0.0
+            for micro in range(args.grad_accum):
+                i = (step * args.grad_accum + micro) * args.batch_size
+                batch = collate(rows[i:i + args.batch_size])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast_ctx(device):
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False,
+                                return_logits=False)
+                (out.loss / args.grad_accum).backward()
+                loss_sum += out.loss.item() / args.grad_accum
+                tokens_seen += int((batch["seq_ids"] >= 0).sum())
+            gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
+            try:  # a NaN loss, or a NaN/inf gradient under a finite loss, never reaches the weights
+                check_finite_update(raw_model, loss_sum, gnorm, f"SFT stage {s + 1} step {step + 1} "
+                                    f"(last good state: {states.latest() or 'none'})")
             except NonFiniteError as e:
                 sys.exit(f"error: {e}")
-            states.save(start["global_step"], raw_model, optimizer, stage=s, stage_step=step + 1,
-                        tokens_seen=tokens_seen, train_seconds=time.time() - t0, history_json=json.dumps(history),
-                        before_eval_json=json.dumps(before))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            start["global_step"] += 1
+            history.append({"stage": s + 1, "step": step, "loss": loss_sum, "grad_norm": gnorm})
+            wandb_run.log({"sft/loss": loss_sum, "sft/lr": lr, "sft/grad_norm": gnorm, "sft/stage": s + 1,
+                           "sft/tok_per_s": tokens_seen / (time.time() - t0)}, step=start["global_step"])
+            if step % 10 == 0 or step == steps - 1:
+                print0(f"stage {s + 1} step {step + 1}/{steps} loss {loss_sum:.4f} lr {lr:.2e} "
+                       f"{tokens_seen / (time.time() - t0):.0f} tok/s")
+            if rank == 0 and args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < steps:
+                try:
+                    check_finite_weights(raw_model, f"SFT stage {s + 1} step {step + 1}")
+                except NonFiniteError as e:
+                    sys.exit(f"error: {e}")
+                states.save(start["global_step"], raw_model, optimizer, stage=s, stage_step=step + 1,
+                            tokens_seen=tokens_seen, train_seconds=time.time() - t0, history_json=json.dumps(history),
+                            before_eval_json=json.dumps(before))
 
 # ----------------------------------------------------------------------------
 # Evaluate after, save, report

@@ -357,6 +357,11 @@ def assert_one_line_error(r, expect=""):
     assert expect in last, (expect, last)
 
 
+def bar_draws(stderr: str, desc: str) -> list[re.Match]:
+    """Every state a tqdm bar named desc drew on stderr ("desc:  33%|###   | 1/3 [...]")."""
+    return list(re.finditer(rf"{re.escape(desc)}: +\d+%\|[^|\r\n]*\| (\d+)/(\d+) ", stderr))
+
+
 def assert_nothing_finished_changed(before, after):
     """Every file that was there is unchanged; new files are resume states (and 01's unfinished <out>.partial/)."""
     assert [p for p in before if after.get(p) != before[p]] == []
@@ -390,6 +395,7 @@ class Stateful:
     record: Callable    # record(d, out, metrics) -> (per-step losses, other numbers) of the finished run
     steps: int          # optimizer steps of the whole run
     shard: str = ""     # where the states of rank 0 live under <out>.state/
+    bar: str = ""       # the training loop's progress bar (its description), shown at the resumed step
 
     @property
     def id(self):
@@ -398,12 +404,13 @@ class Stateful:
 
 STATEFUL = [
     Stateful("01_bld.py", BLD + ["--num-seqs", "12", "--save-every", "1", "--metrics-name", "bld_k"], "lib_k", "bld_k",
-             lambda d, out, m: (load(f"{d}/{out}/library.json")["variants"][2]["loss_curve"], {}), 3, shard="rank0"),
+             lambda d, out, m: (load(f"{d}/{out}/library.json")["variants"][2]["loss_curve"], {}), 3, shard="rank0",
+             bar="BLD"),
     Stateful("04_distill.py", KD + ["--save-every", "1", "--metrics-name", "kd_k"], "kd_k", "kd_k",
-             lambda d, out, m: ([h["loss"] for h in load(f"{d}/metrics/{m}.json")["history"]], {}), 3),
+             lambda d, out, m: ([h["loss"] for h in load(f"{d}/metrics/{m}.json")["history"]], {}), 3, bar="kd"),
     Stateful("05_sft.py", SFT + ["--save-every", "1", "--metrics-name", "sft_k"], "sft_k", "sft_k",
              lambda d, out, m: ([h["loss"] for h in load(f"{d}/{out}/meta.json")["history"]],
-                                {"train_tokens": load(f"{d}/metrics/{m}.json")["train_tokens"]}), 6),
+                                {"train_tokens": load(f"{d}/metrics/{m}.json")["train_tokens"]}), 6, bar="SFT stage 1"),
     # GRPO: a random tiny policy earns equal rewards (no update), so the record is what was sampled per step
     Stateful("06_grpo.py", GRPO + ["--save-every", "1", "--metrics-name", "grpo_k"], "grpo_k", "grpo_k",
              lambda d, out, m: ([h["completion_tokens"] for h in load(f"{d}/{out}/meta.json")["history"]],
@@ -463,6 +470,16 @@ def test_fault_gives_one_line_error_and_changes_nothing(results, case):
     assert_states_whole_and_finite(d)  # a state saved before a NaN step holds no NaN
 
 
+@pytest.mark.parametrize("case_id, bar", [("01_bld-nan-loss", "BLD"), ("04_distill-nan-loss", "kd"),
+                                          ("05_sft-nan-loss", "SFT stage 1")])
+def test_nan_mid_training_closes_the_progress_bar_before_the_error(results, case_id, bar):
+    """The training loop's bar is on screen when the NaN stops it; its last state is drawn before the error line."""
+    r = results[case_id][2]
+    draws = bar_draws(r.stderr, bar)
+    assert draws and draws[-1].start() < r.stderr.rindex("error: "), r.stderr[-2000:]
+    assert_one_line_error(r)
+
+
 @pytest.mark.parametrize("s", STATEFUL, ids=lambda s: s.id)
 def test_kill9_mid_save_then_stale_states_refused_and_resume_completes(results, s):
     obs = results[s.id]
@@ -475,6 +492,8 @@ def test_kill9_mid_save_then_stale_states_refused_and_resume_completes(results, 
     assert obs["unchanged"]
     assert obs["resumed"].returncode == 0, obs["resumed"].stderr[-3000:]
     assert obs["states_gone"]
+    if s.bar:  # the resumed run's bar starts at the step of its state, not at 0
+        assert [m.group(1) for m in bar_draws(obs["resumed"].stderr, s.bar)][:1] == ["1"], obs["resumed"].stderr[-2000:]
     (losses, other), (ref_losses, ref_other) = obs["record"], obs["reference"]
     assert len(losses) == s.steps and other == ref_other  # the history and counts from before the kill were kept
     assert losses == pytest.approx(ref_losses, rel=1e-5)  # and the run continued as if never stopped
