@@ -97,8 +97,7 @@ def parse_args(argv=None):
 
 
 def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(f"error: {msg}")  # printed at exit, after any progress bar has closed
 
 
 # ----------------------------------------------------------------------------

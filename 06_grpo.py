@@ -311,48 +311,48 @@ def check_finite(loss, gnorm, where):
 # Training loop: rollout -> rewards -> update
 
 sample_rows, t_start = [], time.time()
-bar = progress(range(start, args.steps), desc="GRPO", unit="rollout", initial=start, total=args.steps)
-for step in bar:
-    lr = lr_at(step, args.steps, args.lr, args.warmup_steps, args.lr)  # warmup, then constant (NeMo-RL)
-    set_lr(optimizer, lr)
-    batch = shard_list(schedule[step * args.prompts_per_step:(step + 1) * args.prompts_per_step], rank, world_size)
-    # generation: one rollout per mode (the two have different completion budgets), groups kept whole
-    order, rollout = sample_records(generator, batch, args.group_size) if batch else ([], Rollout([], [], [], args.group_size))
-    gen_s = rollout.gen_seconds
-    rows = [r for r in order for _ in range(args.group_size)]
-    # scoring
-    t0 = time.time()
-    scored = rewards_of(rows, rollout.texts)
-    rewards = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
-    score_s = time.time() - t0
-    try:
-        st = train_on_rollout(model, optimizer, rollout, rewards, loss_cfg, device, pad_id, ref_model, check_finite)
-        check_finite_weights(model, where=f"GRPO rollout step {step + 1}")
-    except NonFiniteError as e:
-        sys.exit(f"error: {e}")
-    if generator is not model:
-        generator.update_weights(model)  # colocated vLLM: the next rollout samples from the updated policy
-    n = all_reduce_sum(float(len(scored)))
-    rec = {"step": step + 1, "lr": lr, "prompt_ids": [r["id"] for r in batch],
-           "reward": all_reduce_sum(float(rewards.sum())) / n,
-           "accuracy": all_reduce_sum(sum(s["accuracy"] for s in scored)) / n,
-           "format": all_reduce_sum(sum(s["format"] for s in scored)) / n,
-           "completion_tokens": all_reduce_sum(float(rollout.num_tokens)) / n,
-           "zero_signal_frac": all_reduce_sum(float(st["zero_signal_groups"])) / max(1.0, all_reduce_sum(float(st["groups"]))),
-           "clip_fraction": st["clip_fraction"], "kl_ref": st["kl_ref"], "loss": st["loss"], "grad_norm": st["grad_norm"],
-           "rollout_tok_s": all_reduce_sum(float(rollout.num_tokens)) / max(gen_s, 1e-9),
-           "gen_s": gen_s, "score_s": score_s, "train_s": st["train_seconds"]}
-    history.append(rec)
-    wandb_run.log({f"grpo/{k}": v for k, v in rec.items() if isinstance(v, (int, float))}, step=step + 1)
-    if hasattr(bar, "set_postfix"):
-        bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['accuracy']:.2f}", zero=f"{rec['zero_signal_frac']:.2f}")
-    sample_rows += [(step + 1, "on" if r["reasoning_on"] else "off", prompt_text(r), t, s["reward"], s["accuracy"], s["format"])
-                    for r, t, s in list(zip(rows, rollout.texts, scored))[::args.group_size][:2]]
-    if (step + 1) % args.samples_every == 0 and not isinstance(wandb_run, DummyWandb):
-        wandb_run.log({"grpo/samples": wandb_table(["step", "mode", "prompt", "completion", "reward", "accuracy",
-                                                    "format"], sample_rows)}, step=step + 1)
-    if rank == 0 and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-        states.save(step + 1, model, optimizer, history_json=json.dumps(history), before_json=json.dumps(before))
+with progress(range(start, args.steps), desc="GRPO", unit="rollout", initial=start, total=args.steps) as bar:
+    for step in bar:
+        lr = lr_at(step, args.steps, args.lr, args.warmup_steps, args.lr)  # warmup, then constant (NeMo-RL)
+        set_lr(optimizer, lr)
+        batch = shard_list(schedule[step * args.prompts_per_step:(step + 1) * args.prompts_per_step], rank, world_size)
+        # generation: one rollout per mode (the two have different completion budgets), groups kept whole
+        order, rollout = sample_records(generator, batch, args.group_size) if batch else ([], Rollout([], [], [], args.group_size))
+        gen_s = rollout.gen_seconds
+        rows = [r for r in order for _ in range(args.group_size)]
+        # scoring
+        t0 = time.time()
+        scored = rewards_of(rows, rollout.texts)
+        rewards = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
+        score_s = time.time() - t0
+        try:
+            st = train_on_rollout(model, optimizer, rollout, rewards, loss_cfg, device, pad_id, ref_model, check_finite)
+            check_finite_weights(model, where=f"GRPO rollout step {step + 1}")
+        except NonFiniteError as e:
+            sys.exit(f"error: {e}")
+        if generator is not model:
+            generator.update_weights(model)  # colocated vLLM: the next rollout samples from the updated policy
+        n = all_reduce_sum(float(len(scored)))
+        rec = {"step": step + 1, "lr": lr, "prompt_ids": [r["id"] for r in batch],
+               "reward": all_reduce_sum(float(rewards.sum())) / n,
+               "accuracy": all_reduce_sum(sum(s["accuracy"] for s in scored)) / n,
+               "format": all_reduce_sum(sum(s["format"] for s in scored)) / n,
+               "completion_tokens": all_reduce_sum(float(rollout.num_tokens)) / n,
+               "zero_signal_frac": all_reduce_sum(float(st["zero_signal_groups"])) / max(1.0, all_reduce_sum(float(st["groups"]))),
+               "clip_fraction": st["clip_fraction"], "kl_ref": st["kl_ref"], "loss": st["loss"], "grad_norm": st["grad_norm"],
+               "rollout_tok_s": all_reduce_sum(float(rollout.num_tokens)) / max(gen_s, 1e-9),
+               "gen_s": gen_s, "score_s": score_s, "train_s": st["train_seconds"]}
+        history.append(rec)
+        wandb_run.log({f"grpo/{k}": v for k, v in rec.items() if isinstance(v, (int, float))}, step=step + 1)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['accuracy']:.2f}", zero=f"{rec['zero_signal_frac']:.2f}")
+        sample_rows += [(step + 1, "on" if r["reasoning_on"] else "off", prompt_text(r), t, s["reward"], s["accuracy"], s["format"])
+                        for r, t, s in list(zip(rows, rollout.texts, scored))[::args.group_size][:2]]
+        if (step + 1) % args.samples_every == 0 and not isinstance(wandb_run, DummyWandb):
+            wandb_run.log({"grpo/samples": wandb_table(["step", "mode", "prompt", "completion", "reward", "accuracy",
+                                                        "format"], sample_rows)}, step=step + 1)
+        if rank == 0 and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            states.save(step + 1, model, optimizer, history_json=json.dumps(history), before_json=json.dumps(before))
 
 # ----------------------------------------------------------------------------
 # Evaluate after, save, report

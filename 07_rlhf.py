@@ -525,31 +525,31 @@ def online_iteration(it: int) -> tuple[dict, list]:
 columns = {"rloo": ["step", "mode", "prompt", "completion", "reward"], "grpo-rm": ["step", "mode", "prompt", "completion", "rm_score"],
            "rpo": ["step", "mode", "prompt", "chosen", "rejected", "r_chosen", "r_rejected"]}.get(algo)
 sample_rows, t_start = [], time.time()
-bar = progress(range(start, total), desc=algo, unit="iteration" if args.online else "step", initial=start, total=total)
-for step in bar:
-    lr = lr_at(step, total, args.lr, args.warmup_steps, args.lr)  # warmup, then constant
-    set_lr(optimizer, lr)
-    try:
-        if args.online:
-            rec, samples = online_iteration(step)
-        elif offline:
-            rec, samples = pair_step(step)
-        else:
-            rec, samples = rollout_step(shard_list(schedule[step * args.prompts_per_step:(step + 1) * args.prompts_per_step],
-                                                   rank, world_size))
-        check_finite_weights(trained, where=f"{algo} step {step + 1}")
-    except NonFiniteError as e:
-        bad(e)
-    rec = {"step": step + 1, "lr": lr, **rec}
-    history.append(rec)
-    wandb_run.log({f"{algo}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))}, step=step + 1)
-    if hasattr(bar, "set_postfix"):
-        bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("reward", "sampled_reward", "loss", "accuracy") if rec.get(k) is not None})
-    sample_rows += [(step + 1, *s) for s in samples]
-    if columns and (step + 1) % args.samples_every == 0 and not isinstance(wandb_run, DummyWandb):
-        wandb_run.log({f"{algo}/samples": wandb_table(columns, sample_rows)}, step=step + 1)
-    if rank == 0 and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-        states.save(step + 1, trained, optimizer, history_json=json.dumps(history), before_json=json.dumps(before))
+with progress(range(start, total), desc=algo, unit="iteration" if args.online else "step", initial=start, total=total) as bar:
+    for step in bar:
+        lr = lr_at(step, total, args.lr, args.warmup_steps, args.lr)  # warmup, then constant
+        set_lr(optimizer, lr)
+        try:
+            if args.online:
+                rec, samples = online_iteration(step)
+            elif offline:
+                rec, samples = pair_step(step)
+            else:
+                rec, samples = rollout_step(shard_list(schedule[step * args.prompts_per_step:(step + 1) * args.prompts_per_step],
+                                                       rank, world_size))
+            check_finite_weights(trained, where=f"{algo} step {step + 1}")
+        except NonFiniteError as e:
+            bad(e)
+        rec = {"step": step + 1, "lr": lr, **rec}
+        history.append(rec)
+        wandb_run.log({f"{algo}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))}, step=step + 1)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("reward", "sampled_reward", "loss", "accuracy") if rec.get(k) is not None})
+        sample_rows += [(step + 1, *s) for s in samples]
+        if columns and (step + 1) % args.samples_every == 0 and not isinstance(wandb_run, DummyWandb):
+            wandb_run.log({f"{algo}/samples": wandb_table(columns, sample_rows)}, step=step + 1)
+        if rank == 0 and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            states.save(step + 1, trained, optimizer, history_json=json.dumps(history), before_json=json.dumps(before))
 
 # ----------------------------------------------------------------------------
 # Evaluate after, save, report
