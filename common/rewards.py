@@ -18,7 +18,7 @@ from fractions import Fraction
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?"
 # "the answer is 42", "Answer: 7/2", "the answer is (B)": the explicit form without a box
-_ANSWER_IS = re.compile(rf"\banswer\s*(?:is|:|=)\s*:?\s*\$?\(?({_NUMBER}|[A-Za-z](?![A-Za-z]))", re.I)
+_ANSWER_IS = re.compile(rf"\banswer\s*(?:is|:|=)\s*:?\s*\$?\(?({_NUMBER}|(?-i:[A-Z])(?![A-Za-z]))", re.I)  # letter: capital
 
 
 # ----------------------------------------------------------------------------

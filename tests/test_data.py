@@ -117,6 +117,7 @@ def test_extract_answer():
     assert extract_answer("I think 12, no, the answer is 1,234 apples") == "1234"
     assert extract_answer("Answer: (B)") == "B" and extract_answer("so the answer is -7/2.") == "-7/2"
     assert extract_answer("I think 12, no, 1,234 apples") is None  # a bare number is not a stated answer
+    assert extract_answer("The answer is a little tricky: 7") is None  # "a" is a word, not option A
     assert extract_answer("no numbers here") is None
 
 
