@@ -6,6 +6,9 @@ width, narrower widths, linear, no_op) is initialized from the parent's weights 
 trained to reproduce the parent subblock's output from the parent's own input (normalized MSE). Decoupled BLD:
 one parent forward per batch feeds every variant of every layer. Then each variant alone is put into the
 parent and scored on held-out text: KL(parent||model) (Puzzle's score), LM loss, top-1 agreement.
+Scoring is per block, as in Puzzle: every (attention, FFN) pair of a layer replaces that whole layer alone; the
+scoring text is its own split of the mix (first chunk of each of many documents), disjoint from the text the
+evaluation suite reports on and the text 02's baselines select layers on.
 
     python 01_bld.py --parent runs/smol/parent --out runs/smol/library               # CPU, ~10 min (defaults)
     torchrun --standalone --nproc_per_node 8 01_bld.py --parent ... --out ... --num-seqs 4096 --seq-len 1024
@@ -29,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoint, write_json_atomic, write_metrics
 from common.cli import int_list, nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
-from common.data import load_text_documents, text_chunks
+from common.data import load_text_documents, spread_chunks, text_chunks
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.tracking import add_wandb_args, init_wandb
 from common.losses import normalized_mse
@@ -37,7 +40,8 @@ from common.model import ffn_mult_to_intermediate_size
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
 from common.puzzle import (SUBBLOCKS, Subblock, attention_variants, ffn_variants, load_variant_state,
-                           parent_subblock_state, set_subblock, subblock_params, variant_key, variant_path)
+                           pair_key, parent_subblock_state, set_subblock, subblock_params, variant_key,
+                           variant_path)
 
 # ----------------------------------------------------------------------------
 # Arguments
@@ -77,7 +81,7 @@ def parse_args(argv=None):
                    "--lr, --dtype, --save-every and the scoring sizes may change)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     # replace-one-block scoring
-    p.add_argument("--score-seqs", type=positive_int, default=8, help="held-out sequences for replace-one-block scores")
+    p.add_argument("--score-seqs", type=positive_int, default=8, help="scoring sequences for the replace-one-block scores (one per document first)")
     p.add_argument("--score-seq-len", type=positive_int, default=128)
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     p.add_argument("--run-dir", default=None, help="where metrics/ goes (default: parent of --out)")
@@ -96,7 +100,8 @@ def auto_or_list(s):
 
 
 def load_documents(path, split):
-    """The distillation mix (data_gen.text), or a local text/JSONL file split 9:1 by document (train/heldout)."""
+    """Training ("train") or scoring ("score") documents: the distillation mix's own disjoint splits (data_gen.text;
+    the evaluation suite's text is a third), or a local text/JSONL file split 9:1 by document (score: every 10th)."""
     if path is None:
         from data_gen.text import distill_documents
         return distill_documents(split)
@@ -104,7 +109,7 @@ def load_documents(path, split):
         docs = load_text_documents(path)
     except ValueError as e:
         die(str(e))
-    return [d for i, d in enumerate(docs) if (i % 10 == 0) == (split == "heldout")]
+    return [d for i, d in enumerate(docs) if (i % 10 == 0) == (split == "score")]
 
 
 def chunks_of(tokenizer, docs, seq_len, what):
@@ -217,14 +222,18 @@ def bld_step(parent, ids, jobs_at, modules, autocast, train=True):
 
 
 # ----------------------------------------------------------------------------
-# Replace-one-block scoring (Puzzle §scoring): each variant alone in the parent, on held-out text
+# Replace-one-block scoring (Puzzle §scoring): each block (attention, FFN pair) alone in the parent, on the scoring text
 
 
 @torch.no_grad()
-def replace_one_block_scores(parent, held, entries, states, batch_size, autocast):
-    """{key: {kl, lm_loss, next_token_acc, top1_agreement}}; layers before the replaced one are cached."""
+def replace_one_block_scores(parent, held, pairs, states, batch_size, autocast):
+    """{pair_key: {kl, lm_loss, next_token_acc, top1_agreement}} for every block in `pairs` [(layer, attention
+    entry, FFN entry)]: the pair replaces its whole layer of the parent, alone. Subblock scores do not add up
+    (on SmolLM2, layer 2's attention-removal KL + FFN-removal KL is 1.40, removing the layer costs 0.97), so
+    Puzzle scores the block. The parent's activations up to each layer are computed once: a block at layer l
+    runs layers l..L-1 only (on average half a forward)."""
     model, L = parent, parent.config.num_hidden_layers
-    cache = []  # per batch: (layer inputs [L+1], rope, parent log-probs)
+    cache = []  # per batch: (ids, layer inputs [L+1], rope, parent log-probs)
     with autocast():
         for i in range(0, len(held), batch_size):
             ids = held[i:i + batch_size]
@@ -253,10 +262,12 @@ def replace_one_block_scores(parent, held, entries, states, batch_size, autocast
         return {k: v / n for k, v in tot.items()}
 
     out = {"__parent__": metrics_from(L)}
-    for e in progress(entries, desc="replace-one-block scores", unit="variant"):
-        undo = set_subblock(model, e["layer"], e["subblock"], e["config_obj"], states[e["key"]])
-        out[e["key"]] = metrics_from(e["layer"])
-        undo()
+    for l, a, f in progress(pairs, desc="replace-one-block scores", unit="block"):
+        undo = [set_subblock(model, l, e["subblock"], e["config_obj"], states[e["key"]]) for e in (a, f)
+                if not e["parent"]]
+        out[pair_key(l, a["name"], f["name"])] = metrics_from(l)
+        for u in reversed(undo):
+            u()
     return out
 
 
@@ -324,7 +335,7 @@ def main(argv=None):
            f"{len(mine)} jobs on rank {rank}/{world_size}")
 
     # ------------------------------------------------------------------------
-    # Data: the distillation mix (train part) for BLD, the held-out part for scoring
+    # Data: the distillation mix (train part) for BLD, its scoring part for the block scores
     docs = load_documents(args.data, "train")
     chunks = chunks_of(tokenizer, docs, args.seq_len, "training")
     need = args.num_seqs + args.val_seqs
@@ -420,16 +431,23 @@ def main(argv=None):
         torch.distributed.barrier()  # every rank's variants are on disk
 
     # ------------------------------------------------------------------------
-    # Replace-one-block scores on held-out text (sharded over ranks like BLD)
+    # Replace-one-block scores of every (attention, FFN) pair on the scoring text (sharded over ranks like BLD)
     t1 = time.time()
-    held = chunks_of(tokenizer, load_documents(args.data, "heldout"), args.score_seq_len, "held-out")
-    if len(held) < args.score_seqs:
-        die(f"only {len(held)} held-out sequences of {args.score_seq_len} tokens, need --score-seqs {args.score_seqs}")
-    held = held[:args.score_seqs].to(device)
-    to_score = [e for e in entries if not e["parent"]]
-    my_score = shard_list(to_score)
-    states = {e["key"]: (None if e["config"]["no_op"] else load_file(variant_path(work, e["key"]))) for e in my_score}
-    scores = replace_one_block_scores(parent, held, my_score, states, args.batch_size, autocast)
+    try:  # spread over documents: the first chunk of each scoring document, then the second, ...
+        held = spread_chunks(tokenizer, load_documents(args.data, "score"), args.score_seq_len, args.score_seqs)
+    except ValueError:
+        die(f"the scoring text makes fewer than --score-seqs {args.score_seqs} sequences of {args.score_seq_len} "
+            f"tokens; lower them or give more --data")
+    held = held.to(device)
+    by_layer = {}
+    for e in entries:
+        by_layer.setdefault((e["layer"], e["subblock"]), []).append(e)
+    pairs = [(l, a, f) for l in range(config.num_hidden_layers) for a in by_layer[(l, "attention")]
+             for f in by_layer[(l, "ffn")] if not (a["parent"] and f["parent"])]
+    my_pairs = shard_list(pairs)
+    needed = {e["key"]: e for _, a, f in my_pairs for e in (a, f) if not e["parent"]}
+    states = {k: (None if e["config"]["no_op"] else load_file(variant_path(work, k))) for k, e in needed.items()}
+    scores = replace_one_block_scores(parent, held, my_pairs, states, args.batch_size, autocast)
     score_time = time.time() - t1
     if ddp:
         gathered = [None] * world_size
@@ -440,12 +458,19 @@ def main(argv=None):
             local.update(loc)
     if rank == 0:
         base = scores.pop("__parent__")
-        for e in entries:  # parent variants: the parent itself (score 0)
-            if e["parent"]:
-                scores[e["key"]] = {"kl": 0.0, **{k: base[k] for k in ("lm_loss", "next_token_acc")},
-                                    "top1_agreement": 1.0}
-            scores[e["key"]]["lm_loss_delta"] = scores[e["key"]]["lm_loss"] - base["lm_loss"]
-        print0(f"replace-one-block scores: {len(to_score)} variants in {score_time:.0f}s")
+        names = {sub: [v["name"] for v in space[sub]] for sub in SUBBLOCKS}
+        pa, pf = (next(v["name"] for v in space[sub] if v["parent"]) for sub in SUBBLOCKS)
+        for l in range(config.num_hidden_layers):  # the parent's own block: the parent itself (score 0)
+            scores[pair_key(l, pa, pf)] = {"kl": 0.0, **{k: base[k] for k in ("lm_loss", "next_token_acc")},
+                                           "top1_agreement": 1.0}
+        for v in scores.values():
+            v["lm_loss_delta"] = v["lm_loss"] - base["lm_loss"]
+        # a subblock variant's own score: its block with the parent's other subblock (the table below)
+        variant_scores = {e["key"]: scores[pair_key(e["layer"], *((e["name"], pf) if e["subblock"] == "attention"
+                                                                 else (pa, e["name"])))] for e in entries}
+        print0(f"replace-one-block scores: {len(pairs)} blocks ({len(names['attention'])} attention x "
+               f"{len(names['ffn'])} FFN variants per layer) on {held.numel()} tokens from "
+               f"{len(held)} sequences in {score_time:.0f}s")
 
     # ------------------------------------------------------------------------
     # Save: library.json + scores.json, then rename into place; metrics
@@ -464,7 +489,8 @@ def main(argv=None):
                    "space": {s: [{"name": v["name"], "config": v["config"].__dict__, "parent": v["parent"]}
                                  for v in space[s]] for s in SUBBLOCKS},
                    "variants": lib_entries, "bld": bld_stats, "args": user_config}
-        write_json_atomic(os.path.join(work, "scores.json"), {"parent": base, "variants": scores,
+        write_json_atomic(os.path.join(work, "scores.json"), {"parent": base, "pairs": scores,
+                                                             "variants": variant_scores,
                                                              "held_out_tokens": held.numel()})
         write_json_atomic(os.path.join(work, "library.json"), library)
         os.replace(work, args.out)
@@ -484,8 +510,8 @@ def main(argv=None):
         for sub in SUBBLOCKS:
             for v in space[sub]:
                 es = [e for e in lib_entries if e["subblock"] == sub and e["name"] == v["name"]]
-                kls = [scores[e["key"]]["kl"] for e in es]
-                t1_ = sum(scores[e["key"]]["top1_agreement"] for e in es) / len(es)
+                kls = [variant_scores[e["key"]]["kl"] for e in es]
+                t1_ = sum(variant_scores[e["key"]]["top1_agreement"] for e in es) / len(es)
                 bl = (f"{sum(e['val_loss_init'] for e in es) / len(es):.4f} → "
                       f"{sum(e['val_loss_bld'] for e in es) / len(es):.4f}") if "val_loss_bld" in es[0] else "-"
                 print0(f"{sub + ':' + v['name']:<22}{sum(kls) / len(kls):>10.4f}{max(kls):>10.4f}{t1_:>8.3f}{bl:>26}")

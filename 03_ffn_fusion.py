@@ -101,10 +101,17 @@ def is_ffn_only(block: BlockConfig) -> bool:
     return block.attention.no_op and not block.ffn.no_op and not block.ffn.replace_with_linear
 
 
+def is_empty(block: BlockConfig) -> bool:
+    """A block Puzzle removed whole (attention and FFN no_op): the identity, so it neither breaks nor joins a run."""
+    return block.attention.no_op and block.ffn.no_op
+
+
 def attention_free_runs(config: DeciLMConfig) -> list[list[int]]:
-    """Maximal runs (length >= 2) of consecutive FFN-only blocks."""
+    """Maximal runs (length >= 2) of consecutive FFN-only blocks, looking through removed (empty) blocks."""
     runs, cur = [], []
     for i, b in enumerate(config.block_configs):
+        if is_empty(b):
+            continue
         if is_ffn_only(b):
             cur.append(i)
         else:
@@ -180,8 +187,9 @@ def ffn_fusion_groups(path, depth_before: int, threshold: float = -1.0, target_d
 
 @torch.no_grad()
 def fuse_ffn_blocks(model: DeciLMForCausalLM, fused_groups: list[list[int]]):
-    """A new model where each group of consecutive FFN-only layers is one layer computing x + sum_i f_i(x).
-    Returns (model, layer_map): layer_map[k] = the last original layer whose output new layer k reproduces."""
+    """A new model where each group of consecutive FFN-only layers (empty layers between them are dropped) is one
+    layer computing x + sum_i f_i(x). Returns (model, layer_map): layer_map[k] = the last original layer whose
+    output new layer k reproduces."""
     cfg = model.config
     starts = {g[0]: g for g in fused_groups}
     sd = model.state_dict()
@@ -195,7 +203,8 @@ def fuse_ffn_blocks(model: DeciLMForCausalLM, fused_groups: list[list[int]]):
             pre = f"model.layers.{i}."
             new_sd.update({f"model.layers.{new}.{k[len(pre):]}": v for k, v in sd.items() if k.startswith(pre)})
         else:
-            if any(not is_ffn_only(cfg.block_configs[j]) for j in g) or g != list(range(g[0], g[-1] + 1)):
+            if any(not (is_ffn_only(cfg.block_configs[j]) if j in g else is_empty(cfg.block_configs[j]))
+                   for j in range(g[0], g[-1] + 1)) or g != sorted(g):
                 raise ValueError(f"group {g} is not a run of consecutive attention-free SwiGLU blocks")
             gate, up, down, gate_b, up_b, down_b = [], [], [], [], [], []
             for j in g:
@@ -290,7 +299,7 @@ def main(argv=None):
 
     from common.data import text_chunks
     from common.dist import autocast_ctx, print0, progress, resolve_dtype
-    from common.evaluate import TextEval, speed_eval
+    from common.evaluate import TextEval, paired_gaps, speed_eval
     from common.tracking import init_wandb
     from data_gen.text import distill_documents
 
@@ -328,6 +337,7 @@ def main(argv=None):
         levels.append({"merges": n, "fused_blocks": sum(len(g) for g in gs), "fused_groups": len(gs),
                        "num_layers": model_n.config.num_hidden_layers, "depth": sequential_depth(model_n.config),
                        "max_dependency": path[n - 1][0] if n else 0.0, **q})
+        levels[-1]["vs_unfused"] = paired_gaps(q, levels[0])  # paired over the same chunks; levels[0] is unfused
         print0(f"level {n:>3} merges: depth {levels[-1]['depth']}, acc {q['next_token_acc']:.4f}, "
                f"kl {q['kl_parent']:.4f}")
     before = next(lv for lv in levels if lv["merges"] == 0)
@@ -367,14 +377,21 @@ def main(argv=None):
     wandb_run.finish()
 
     # -------------------------------------------------------------------- report
-    print(f"\nFFN Fusion of {args.child} -> {args.out}")
-    print(f"| fused blocks | groups | layers | seq. depth | max dep | KL(parent||model) | next-token acc | top-1 agree |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print(f"\nFFN Fusion of {args.child} -> {args.out} (± = standard error over the {len(text_eval.ids)} evaluation "
+          f"chunks; Δ = paired difference vs unfused)")
+    print("| fused blocks | groups | layers | seq. depth | max dep | KL(parent||model) | next-token acc | top-1 agree "
+          "| ΔKL vs unfused | Δacc vs unfused | gap > 2 SE |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    pm = lambda d, k, fmt=".4f": f"{d[k]:{fmt}} ± {d[k + '_se']:.2g}" if d else "-"  # noqa: E731
     for lv in levels:
         mark = " *" if lv["merges"] == n_merges else ""
+        g = lv["vs_unfused"] if lv["merges"] else {}
+        gap = "-" if lv["merges"] == 0 else ", ".join(
+            n for k, n in (("kl_parent", "KL"), ("next_token_acc", "acc")) if g[f"{k}_beyond_2se"]) or "no"
         print(f"| {lv['fused_blocks']}{mark} | {lv['fused_groups']} | {lv['num_layers']} | {lv['depth']} | "
-              f"{lv['max_dependency']:.3f} | {lv['kl_parent']:.4f} | {lv['next_token_acc']:.4f} | "
-              f"{lv['top1_agreement']:.4f} |")
+              f"{lv['max_dependency']:.3f} | {pm(lv, 'kl_parent')} | {pm(lv, 'next_token_acc')} | "
+              f"{lv['top1_agreement']:.4f} | {pm(g, 'kl_parent', '+.3g')} | {pm(g, 'next_token_acc', '+.3g')} "
+              f"| {gap} |")
     if speed:
         print(f"\nspeed, fused vs unfused in the same run ({speed.get('dtype')}, prompt {T}):")
         print("| measure | unfused | fused | fused/unfused |\n|---|---|---|---|")

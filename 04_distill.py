@@ -370,17 +370,32 @@ def main(argv=None):
             hist, _ = train(student, losses, trial=f" ({spec})")
             table.append({"loss": spec, "final_train_loss": hist[-1]["loss"], **evaluate(student)})
             print0(f"ablation {spec}: {table[-1]}")
+        best = None
+        if rank == 0 and text_eval is not None:  # each row against the lowest-KL row, paired over the same chunks
+            from common.evaluate import paired_gaps
+            best = min(table, key=lambda r: r["kl_parent"])
+            for r in table:
+                r["vs_best"] = paired_gaps(r, best)
         if rank == 0:
             metrics = {"student": args.student, "teacher": teacher_path, "tokens_per_trial": kd_steps * per_step * args.seq_len,
-                       "parent": parent_eval, "cosine_on": cosine_on, "table": table}
+                       "parent": parent_eval, "cosine_on": cosine_on, "best": best and best["loss"], "table": table}
             metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
-            print(f"\nKD loss ablation ({metrics['tokens_per_trial']} tokens each, student {args.student})")
-            print("| loss | KL(parent||model) | next-token acc | retention | top-1 agree | LM loss |")
-            print("|---|---|---|---|---|---|")
+            nan = float("nan")
+            pm = lambda d, k, fmt=".4f": f"{d[k]:{fmt}} ± {d[k + '_se']:.2g}" if k in d else "-"  # noqa: E731
+            print(f"\nKD loss ablation ({metrics['tokens_per_trial']} tokens each, student {args.student}; ± = "
+                  f"standard error over the {len(text_eval.ids) if text_eval else 0} evaluation chunks, Δ paired vs "
+                  f"the best)")
+            print("| loss | KL(parent||model) | next-token acc | retention | top-1 agree | LM loss | ΔKL vs best | "
+                  "Δacc vs best | gap > 2 SE |")
+            print("|---|---|---|---|---|---|---|---|---|")
             for r in table:
-                ret = r.get("next_token_acc", float("nan")) / parent_eval.get("next_token_acc", float("nan"))
-                print(f"| {r['loss']} | {r.get('kl_parent', float('nan')):.4f} | {r.get('next_token_acc', float('nan')):.4f} "
-                      f"| {ret:.3f} | {r.get('top1_agreement', float('nan')):.4f} | {r.get('lm_loss', float('nan')):.4f} |")
+                ret = r.get("next_token_acc", nan) / parent_eval.get("next_token_acc", nan)
+                g = r.get("vs_best", {}) if r is not best else {}
+                gap = "best" if r is best else "-" if not g else ", ".join(
+                    n for k, n in (("kl_parent", "KL"), ("next_token_acc", "acc")) if g[f"{k}_beyond_2se"]) or "no"
+                print(f"| {r['loss']} | {pm(r, 'kl_parent')} | {pm(r, 'next_token_acc')} | {ret:.3f} "
+                      f"| {r.get('top1_agreement', nan):.4f} | {r.get('lm_loss', nan):.4f} "
+                      f"| {pm(g, 'kl_parent', '+.3g')} | {pm(g, 'next_token_acc', '+.3g')} | {gap} |")
             print(f"metrics: {metrics_path} (an ablation saves no checkpoint)")
         wandb_run.finish()
         return None
@@ -424,7 +439,8 @@ def main(argv=None):
                               "metrics": {k: metrics[k] for k in ("before", "after", "retention", "speed", "tokens")}})
         metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
         states.finish()
-        wandb_run.log({**{f"eval/before_{k}": v for k, v in before.items()}, **{f"eval/after_{k}": v for k, v in after.items()}})
+        wandb_run.log({f"eval/{when}_{k}": v for when, m in (("before", before), ("after", after)) for k, v in m.items()
+                       if isinstance(v, float)})  # not the per-chunk lists
         print(f"\nGlobal KD {args.student} -> {args.out} ({metrics['tokens']} tokens, loss {args.loss}, cosine on {cosine_on})")
         print("| model | KL(parent||model) | next-token acc | retention | top-1 agree | LM loss |")
         print("|---|---|---|---|---|---|")

@@ -31,6 +31,7 @@ from common.cli import (float_list, fraction, int_list, nonneg_float, nonneg_int
 from common.data import IGNORE, collate, pack_examples, tokenize_sft_example
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, shard_list, wrap_ddp
 from common.evaluate import generation_eval
+from common.gen_cache import GenCache, GenCacheError
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
 from common.tracking import add_wandb_args, init_wandb
@@ -70,16 +71,20 @@ p.add_argument("--eval-problems", type=nonneg_int, default=64, help="held-out pr
 p.add_argument("--eval-max-new-tokens", type=positive_int, default=320, help="room for the longest worked solutions")
 p.add_argument("--run-dir", default=None, help="where metrics/sft.json goes (default: the parent of --out)")
 p.add_argument("--metrics-name", default="sft", help="metrics/<name>.json, e.g. sft_parent for SFT from the parent")
+p.add_argument("--no-gen-cache", action="store_true", help="decode every evaluation answer again instead of reusing "
+               "the greedy answers of the same weights in <run-dir>/gen_cache/ (common.gen_cache)")
 add_wandb_args(p)
 args = p.parse_args()
 user_config = vars(args).copy()
 epochs, max_steps, lrs = args.epochs, args.max_steps, args.lr  # one value per curriculum stage
 run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
 try:  # before any work: --out free, <out>.state/ holds only this run's states, metrics/<name>.json is ours
-    states = RunStates(args.out, user_config, resume=args.resume, budget_keys=("epochs", "max_steps", "save_every"))
+    states = RunStates(args.out, user_config, resume=args.resume,
+                       budget_keys=("epochs", "max_steps", "save_every", "no_gen_cache"))
     check_metrics_free(run_dir, args.metrics_name, args.out)
     init_meta = load_meta(args.init)
-except CheckpointError as e:
+    gen_cache = None if args.no_gen_cache else GenCache(os.path.join(run_dir, "gen_cache"))
+except (CheckpointError, GenCacheError) as e:
     sys.exit(f"error: {e}")
 
 # ----------------------------------------------------------------------------
@@ -156,7 +161,8 @@ if short:
 
 
 # ----------------------------------------------------------------------------
-# Evaluation before training, both modes (the parent's numbers come from the same problems)
+# Evaluation before training, both modes (the parent's numbers come from the same problems). Answers a model of the
+# same weights already gave (the parent's, from SFT of another line) come from the run's generation cache
 
 problems = eval_problems(args.eval_problems, seed=1234) if args.eval_problems > 0 else []
 
@@ -168,7 +174,7 @@ def eval_both_modes(m, who):
     with autocast_ctx(device):
         out = {mode: generation_eval(m, tokenizer, problems, reasoning=(mode == "on"),
                                      max_new_tokens=args.eval_max_new_tokens, batch_size=32,
-                                     desc=f"{who}: math, thinking {mode}")
+                                     desc=f"{who}: math, thinking {mode}", cache=gen_cache)
                for mode in ("on", "off")}
     m.train()
     return out

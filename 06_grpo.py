@@ -33,6 +33,7 @@ from common.cli import fraction, nonneg_float, nonneg_int, positive_float, posit
 from common.data import build_messages, render_prompt
 from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.evaluate import generation_eval
+from common.gen_cache import GenCache, GenCacheError
 from common.generate import load_generator
 from common.losses import LOSS_TYPES
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
@@ -102,6 +103,8 @@ p.add_argument("--before-from", default=None, help="GRPO checkpoint of the same 
 p.add_argument("--samples-every", type=positive_int, default=4, help="rollout steps between W&B sample tables")
 p.add_argument("--run-dir", default=None, help="where metrics/<name>.json goes (default: the parent of --out)")
 p.add_argument("--metrics-name", default="grpo")
+p.add_argument("--no-gen-cache", action="store_true", help="decode every evaluation answer again instead of reusing "
+               "the greedy answers of the same weights in <run-dir>/gen_cache/ (common.gen_cache)")
 add_wandb_args(p)
 args = p.parse_args()
 user_config = vars(args).copy()
@@ -114,9 +117,11 @@ try:
     if filter_path != args.policy:
         load_meta(filter_path)
     # budget flags may grow on --resume; anything else must match the run that wrote the states
-    states = RunStates(args.out, user_config, resume=args.resume, budget_keys=("steps", "save_every"), keep=3)
+    states = RunStates(args.out, user_config, resume=args.resume, budget_keys=("steps", "save_every", "no_gen_cache"),
+                       keep=3)
     check_metrics_free(run_dir, args.metrics_name, args.out)
-except CheckpointError as e:
+    gen_cache = None if args.no_gen_cache else GenCache(os.path.join(run_dir, "gen_cache"))
+except (CheckpointError, GenCacheError) as e:
     sys.exit(f"error: {e}")
 
 # ----------------------------------------------------------------------------
@@ -250,7 +255,8 @@ need = args.steps * args.prompts_per_step
 schedule = [kept[i % len(kept)] for i in range(need)]  # cycles the filtered set when the budget asks for more
 
 # ----------------------------------------------------------------------------
-# Evaluation before training (held-out, both modes)
+# Evaluation before training (held-out, both modes); answers the run's generation cache holds for these weights (an
+# earlier evaluation of the same checkpoint) are reused
 
 
 def eval_both_modes(m) -> dict:
@@ -258,7 +264,7 @@ def eval_both_modes(m) -> dict:
         return {}
     m.eval()
     with autocast_ctx(device, dtype):
-        out = {mode: generation_eval(m, tokenizer, eval_set, reasoning=(mode == "on"), batch_size=32,
+        out = {mode: generation_eval(m, tokenizer, eval_set, reasoning=(mode == "on"), batch_size=32, cache=gen_cache,
                                      max_new_tokens=args.eval_max_new_tokens if mode == "on" else args.eval_max_new_tokens_off)
                for mode in ("on", "off")}
     m.train()

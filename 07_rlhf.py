@@ -42,8 +42,8 @@ from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpo
 from common.cli import nonneg_float, nonneg_int, positive_float, positive_int, prob
 from common.data import build_messages, end_of_turn_id, render_prompt
 from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
-from common.evaluate import generation_eval
-from common.generate import generate
+from common.evaluate import generation_eval, mean_se
+from common.gen_cache import GenCache, greedy_generate
 from common.losses import LOSS_TYPES, RPO_LOSSES, rloo_advantages
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
@@ -131,6 +131,8 @@ p.add_argument("--before-from", default=None, help="an earlier 07 run of the sam
 p.add_argument("--samples-every", type=positive_int, default=4, help="steps between W&B sample tables")
 p.add_argument("--run-dir", default=None, help="where metrics/<name>.json goes (default: the parent of --out)")
 p.add_argument("--metrics-name", default=None, help="default rlhf_<algo> (rpo: rlhf_rpo_<loss>[_online])")
+p.add_argument("--no-gen-cache", action="store_true", help="decode every evaluation answer again instead of reusing "
+               "the greedy answers of the same weights in <run-dir>/gen_cache/ (common.gen_cache)")
 add_wandb_args(p)
 args = p.parse_args()
 
@@ -170,8 +172,10 @@ try:  # everything read from disk is checked before the first model loads
         check_reward_model(args.reward_model)
     if offline and (args.pairs is not None or os.path.exists(pairs_path)):
         file_pairs = read_pairs(pairs_path)
-    states = RunStates(args.out, user_config, resume=args.resume, budget_keys=("steps", "online", "save_every"), keep=3)
+    states = RunStates(args.out, user_config, resume=args.resume,
+                       budget_keys=("steps", "online", "save_every", "no_gen_cache"), keep=3)
     check_metrics_free(run_dir, args.metrics_name, args.out)
+    gen_cache = None if args.no_gen_cache else GenCache(os.path.join(run_dir, "gen_cache"))
     reused_before = None
     if args.before_from and algo != "reward_model":  # what the earlier run must share with this one
         keys = ("policy", "reward_model", "no_eval_rm", "eval_if", "eval_if_modes", "eval_math", "eval_max_new_tokens",
@@ -364,16 +368,9 @@ total = args.online or args.steps  # units of the loop: iterations (online rpo) 
 # Evaluation (rank 0): held-out instruction following (+ the reward model's score), math on/off, or held-out pairs
 
 
-def mean_se(xs: list[float]) -> tuple[float | None, float | None]:
-    n = len(xs)
-    if n == 0:
-        return None, None
-    m = sum(xs) / n
-    return m, (sum((x - m) ** 2 for x in xs) / max(1, n - 1) / n) ** 0.5
-
-
 def eval_policy(m) -> dict:
-    """Per-prompt lists (so gains can be paired): if_<mode> {met, all_met, format[, rm_score]}, math_<mode>."""
+    """Per-prompt lists (so gains can be paired): if_<mode> {met, all_met, format[, rm_score]}, math_<mode>. Greedy
+    answers the run's generation cache holds for these weights (the previous stage's "after") are reused."""
     if not (eval_if_set or eval_math_set):
         return {}
     m.eval()
@@ -383,8 +380,7 @@ def eval_policy(m) -> dict:
             recs = [{"input": q["question"], "constraints": q["constraints"], "on": mode == "on"} for q in eval_if_set]
             prompts = [prompt_text(r) for r in recs]
             budget = args.eval_max_new_tokens if mode == "on" else args.eval_max_new_tokens_off
-            outs = [o[0] for o in generate(m, tokenizer, prompts, max_new_tokens=budget, batch_size=args.eval_batch_size,
-                                           return_ids=True)]
+            outs = greedy_generate(m, tokenizer, prompts, budget, args.eval_batch_size, cache=gen_cache)
             scored = [verifier_reward(t, r["on"], r["constraints"]) for r, (t, _) in zip(recs, outs)]
             res = {"met": [s["score"] for s in scored], "all_met": [s["correct"] for s in scored],
                    "format": [s["format"] for s in scored], "samples": [[q, t] for q, (t, _) in zip(prompts[:3], outs)]}
@@ -394,6 +390,7 @@ def eval_policy(m) -> dict:
             out[f"if_{mode}"] = res
         for mode in ("on", "off") if eval_math_set else ():
             r = generation_eval(m, tokenizer, eval_math_set, reasoning=mode == "on", batch_size=args.eval_batch_size,
+                                cache=gen_cache,
                                 max_new_tokens=args.eval_max_new_tokens if mode == "on" else args.eval_max_new_tokens_off)
             out[f"math_{mode}"] = {"correct": [float(c) for c in r["correct"]], "format_compliance": r["format_compliance"],
                                    "mean_response_tokens": r["mean_response_tokens"]}

@@ -32,25 +32,23 @@ stage eval_parent   "$R/metrics/parent.json"       $PY -m common.evaluate --mode
 stage data          "$D/data_card.json"            $PY -m data_gen.build --out "$D" --tokenizer "$R/parent"
 # 01: block library (2 attention + 6 FFN trained variants per layer), BLD, replace-one-block scores
 stage bld           "$R/library/library.json"      $PY 01_bld.py --parent "$R/parent" --out "$R/library" \
-                      --num-seqs 64 --lr 1e-3 --score-seqs 4 --score-seq-len 128
-# 02: the 1.5x child with the Pareto sweep and the baselines; the 2x child from the same cached costs
-stage mip_1.5x      "$R/child_1.5x/COMPLETED"      $PY 02_mip_select.py --library "$R/library" --out "$R/child_1.5x" \
+                      --num-seqs 64 --lr 1e-3 --score-seqs 8 --score-seq-len 128
+# 02: the child (one block per layer, pair scores, measured costs) with the Pareto sweep and the baselines
+stage mip           "$R/child/COMPLETED"           $PY 02_mip_select.py --library "$R/library" --out "$R/child" \
                       --min-speedup 1.5 --sweep 1.25,2,2.5,3 --batch 8 --prefill 128 --gen-len 64
-# (the 2x child targets 2.5x predicted: the sweep measured 2.5x-predicted children at ~2x)
-stage mip_2x        "$R/child_2x/COMPLETED"        $PY 02_mip_select.py --library "$R/library" --out "$R/child_2x" \
-                      --min-speedup 2.5 --no-baselines --metrics-name mip_2x --batch 8 --prefill 128 --gen-len 64
-# 03: fuse the 2x child's attention-free FFN runs (levels table + the chosen fused child)
-stage ffn_fusion    "$R/fused/COMPLETED"           $PY 03_ffn_fusion.py --child "$R/child_2x" --out "$R/fused" \
+# LN-Ultra's order: Puzzle -> FFN Fusion -> KD. 03 fuses the child's attention-free FFN runs (levels table)
+stage ffn_fusion    "$R/fused/COMPLETED"           $PY 03_ffn_fusion.py --child "$R/child" --out "$R/fused" \
                       --threshold 0.35 --eval-tokens 4096 --levels 4
-# 04: global KD (cosine + forward KL, the paper's best) of both children; the loss ablation on the 2x child
-stage kd_1.5x       "$R/distilled_1.5x/COMPLETED"  $PY 04_distill.py --student "$R/child_1.5x" --out "$R/distilled_1.5x" \
-                      --tokens 24576 --metrics-name distill_1.5x --speed-new-tokens 16
-stage kd_2x         "$R/distilled_2x/COMPLETED"    $PY 04_distill.py --student "$R/child_2x" --out "$R/distilled_2x" \
-                      --tokens 24576 --metrics-name distill_2x --speed-new-tokens 16
-stage kd_ablation   "$R/metrics/kd_ablation.json"  $PY 04_distill.py --student "$R/child_2x" --out "$R/kd_ablation" \
+# 04: global KD (cosine + forward KL, the paper's best) of the fused child (the main line) and, at the same budget,
+# of the unfused child (the fusion table after KD); the loss ablation on the unfused child
+stage kd            "$R/distilled/COMPLETED"       $PY 04_distill.py --student "$R/fused" --out "$R/distilled" \
+                      --tokens 24576 --metrics-name distill --speed-new-tokens 16
+stage kd_unfused    "$R/distilled_unfused/COMPLETED" $PY 04_distill.py --student "$R/child" --out "$R/distilled_unfused" \
+                      --tokens 24576 --metrics-name distill_unfused --speed-new-tokens 16
+stage kd_ablation   "$R/metrics/kd_ablation.json"  $PY 04_distill.py --student "$R/child" --out "$R/kd_ablation" \
                       --loss-ablation "lm;fkl;cosine;cosine,fkl;cosine,fkl,lm" --tokens 8192 --metrics-name kd_ablation
-# 05: SFT with the reasoning toggle, from the newest upstream checkpoint (the distilled 1.5x child)
-stage sft           "$R/sft/COMPLETED"             $PY 05_sft.py --init "$R/distilled_1.5x" --data "$D" --out "$R/sft" \
+# 05: SFT with the reasoning toggle on the main line (parent -> child -> fused -> distilled -> sft)
+stage sft           "$R/sft/COMPLETED"             $PY 05_sft.py --init "$R/distilled" --data "$D" --out "$R/sft" \
                       --max-steps 12,36,12 --lr 3e-4,2e-4,1e-4 --seq-len 512 --grad-accum 1 --eval-problems 32
 # ... and LN-Nano's path, SFT from the parent directly (same data, budget and problems)
 stage sft_parent    "$R/sft_parent/COMPLETED"      $PY 05_sft.py --init "$R/parent" --data "$D" --out "$R/sft_parent" \

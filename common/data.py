@@ -146,6 +146,20 @@ def text_chunks(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def spread_chunks(tokenizer, documents: list[str], seq_len: int, n: int) -> torch.Tensor:
+    """(n, seq_len) token ids spread over as many documents as possible: the first chunk of every document (in
+    order), then the second of each, and so on. A small scoring set drawn this way samples n documents, not one."""
+    per_doc = []
+    for doc in documents:
+        ids = _ids(tokenizer, doc)
+        per_doc.append([ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)])
+    rows = [c[k] for k in range(max(map(len, per_doc), default=0)) for c in per_doc if k < len(c)][:n]
+    if len(rows) < n:
+        raise ValueError(f"spread_chunks: the documents make {len(rows)} chunks of {seq_len} tokens, need {n}; "
+                         f"give more text or a shorter seq_len")
+    return torch.tensor(rows, dtype=torch.long)
+
+
 # ----------------------------------------------------------------------------
 # Local text data sets (BLD, KD): every failure is one ValueError naming the file (and line) and the fix
 

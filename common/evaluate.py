@@ -29,7 +29,7 @@ from common.checkpoint import (CheckpointError, check_checkpoint, check_metrics_
                                write_metrics)
 from common.cli import off_or, positive_int
 from common.dist import progress, resolve_dtype, sync
-from common.generate import generate
+from common.gen_cache import GenCache, greedy_generate
 
 # ----------------------------------------------------------------------------
 # Helpers
@@ -41,6 +41,8 @@ def _device(model) -> torch.device:
 
 # ----------------------------------------------------------------------------
 # Held-out text: LM loss, next-token accuracy, KL(parent || model), top-1 agreement
+
+TEXT_METRICS = ("lm_loss", "next_token_acc", "kl_parent", "top1_agreement")
 
 
 class TextEval:
@@ -76,7 +78,10 @@ class TextEval:
         self.parent_top1 = torch.empty(self.ids.shape, dtype=torch.long)
         t = time.perf_counter()
         stats = self._run(parent, cache=True)
-        self.parent_metrics = {**stats, "kl_parent": 0.0, "top1_agreement": 1.0}
+        n = len(self.ids)
+        self.parent_metrics = {**stats, "kl_parent": 0.0, "top1_agreement": 1.0, "kl_parent_se": 0.0,
+                               "top1_agreement_se": 0.0, "per_seq": {**stats["per_seq"], "kl_parent": [0.0] * n,
+                                                                     "top1_agreement": [1.0] * n}}
         self.parent_seconds = time.perf_counter() - t
 
     @property
@@ -88,6 +93,8 @@ class TextEval:
         device = _device(model)
         n_tgt = self.ids.shape[0] * (self.ids.shape[1] - 1)
         loss = correct = kl = agree = 0.0
+        T = self.ids.shape[1]
+        per_seq = {k: [] for k in TEXT_METRICS[:2 if cache else 4]}  # the chunks are the sampling units
         batches = range(0, len(self.ids), self.batch_size)
         for s in progress(batches, desc="text eval" + (" (parent cache)" if cache else ""), unit="batch", leave=False):
             ids = self.ids[s:s + self.batch_size]
@@ -96,8 +103,11 @@ class TextEval:
                 row = logits[r].float()
                 logq = row.log_softmax(-1)
                 tgt = ids[r, 1:].to(device)
-                loss += -logq[:-1].gather(-1, tgt[:, None]).sum().item()
-                correct += (row[:-1].argmax(-1) == tgt).sum().item()
+                row_loss = -logq[:-1].gather(-1, tgt[:, None]).sum().item()
+                row_correct = (row[:-1].argmax(-1) == tgt).sum().item()
+                loss, correct = loss + row_loss, correct + row_correct
+                per_seq["lm_loss"].append(row_loss / (T - 1))
+                per_seq["next_token_acc"].append(row_correct / (T - 1))
                 top1 = row.argmax(-1).cpu()
                 lq16 = logq.clamp_min(-6e4).half()
                 if cache:
@@ -107,16 +117,52 @@ class TextEval:
                 lp = lp - lp.logsumexp(-1, keepdim=True)
                 lq = lq16.float()
                 lq = lq - lq.logsumexp(-1, keepdim=True)
-                kl += (lp.exp() * (lp - lq)).sum().item()
-                agree += (top1 == self.parent_top1[s + r]).sum().item()
+                row_kl = (lp.exp() * (lp - lq)).sum().item()
+                row_agree = (top1 == self.parent_top1[s + r]).sum().item()
+                kl, agree = kl + row_kl, agree + row_agree
+                per_seq["kl_parent"].append(row_kl / T)
+                per_seq["top1_agreement"].append(row_agree / T)
         out = {"lm_loss": loss / n_tgt, "next_token_acc": correct / n_tgt}
         if not cache:
             out |= {"kl_parent": kl / self.ids.numel(), "top1_agreement": agree / self.ids.numel()}
-        return out
+        return out | {f"{k}_se": mean_se(v)[1] for k, v in per_seq.items()} | {"per_seq": per_seq}
 
     def __call__(self, model) -> dict:
-        """lm_loss, next_token_acc (over seq_len-1 targets per chunk), kl_parent (mean per token), top1_agreement."""
+        """lm_loss, next_token_acc (over seq_len-1 targets per chunk), kl_parent (mean per token), top1_agreement;
+        beside each, <metric>_se: its standard error over the chunks; per_seq: {metric: [one value per chunk]},
+        for paired comparisons of two models on the same chunks (paired_diff)."""
         return self._run(model, cache=False)
+
+
+def mean_se(xs: list[float]) -> tuple[float | None, float | None]:
+    """Mean and its standard error, sample std / sqrt(n) (0 for a single value)."""
+    n = len(xs)
+    if n == 0:
+        return None, None
+    m = sum(xs) / n
+    return m, (sum((x - m) ** 2 for x in xs) / max(1, n - 1) / n) ** 0.5
+
+
+def paired_diff(a: dict, b: dict, metric: str) -> tuple[float, float]:
+    """(mean of a - b, paired standard error) over the chunks both TextEval results were measured on.
+
+    Pairing removes the chunk-to-chunk spread both models share, so it is usually much smaller than either
+    model's own SE. It measures the evaluation sample's noise only; a second training seed would add its own.
+    """
+    xa, xb = a["per_seq"][metric], b["per_seq"][metric]
+    if len(xa) != len(xb):
+        raise ValueError(f"paired_diff needs the same evaluation chunks; got {len(xa)} and {len(xb)} values")
+    return mean_se([x - y for x, y in zip(xa, xb)])
+
+
+def paired_gaps(a: dict, b: dict, metrics=("kl_parent", "next_token_acc")) -> dict:
+    """Per metric: a - b, its paired SE (<metric>_se) and whether the gap exceeds 2 paired SE (<metric>_beyond_2se):
+    the rows of an ablation table, each against the reference row."""
+    out = {}
+    for k in metrics:
+        d, se = paired_diff(a, b, k)
+        out |= {k: d, f"{k}_se": se, f"{k}_beyond_2se": abs(d) > 2 * se}
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -131,11 +177,14 @@ def problem_text(p: dict) -> str:
 
 
 def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max_new_tokens: int = 256,
-                    batch_size: int = 16, num_samples: int = 3, desc: str | None = None) -> dict:
+                    batch_size: int = 16, num_samples: int = 3, desc: str | None = None,
+                    cache: GenCache | None = None) -> dict:
     """Greedy answers under "detailed thinking on"/"off". A problem with `constraints` is scored by the
     instruction-following verifiers (correct = all satisfied); otherwise `answer` is checked on the answer part
     (after </think>). format_compliance: think block first when on, no think tags when off.
-    `desc` names the progress bar (default: "generation, thinking on/off")."""
+    `desc` names the progress bar (default: "generation, thinking on/off").
+    `cache` (common.gen_cache; default none): reuse the answers it holds for this model's weights, prompts, budget
+    and compute setting and decode only the others; a cached answer is one valid greedy answer of those weights."""
     from common.data import build_messages, render_prompt
     from common.rewards import answer_correct, format_correct, instruction_following_score
 
@@ -143,8 +192,7 @@ def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max
         return {"n": 0}
     prompts = [render_prompt(tokenizer, build_messages(problem_text(p), reasoning)) for p in problems]
     desc = desc or f"generation, thinking {'on' if reasoning else 'off'}"
-    outs = [o[0] for o in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   desc=f"{desc} ({len(problems)} problems)")]
+    outs = [text for text, _ in greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, cache, desc)]
     correct, fmt, lengths, if_scores, samples = [], [], [], [], []
     for p, text in zip(problems, outs):
         if p.get("constraints"):
@@ -289,7 +337,7 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def _gen_suite(model, tokenizer, s: dict, who: str = "model") -> dict:
+def _gen_suite(model, tokenizer, s: dict, who: str = "model", cache: GenCache | None = None) -> dict:
     from data_gen.instructions import generate_instructions
     from data_gen.math_problems import eval_problems
 
@@ -297,11 +345,11 @@ def _gen_suite(model, tokenizer, s: dict, who: str = "model") -> dict:
     chat = generate_instructions(s["if_problems"], seed=0, heldout=True)
     bs = s["gen_batch_size"]
     return {"gen_on": generation_eval(model, tokenizer, math, True, s["max_new_tokens_on"], bs,
-                                      desc=f"{who}: math, thinking on"),
+                                      desc=f"{who}: math, thinking on", cache=cache),
             "gen_off": generation_eval(model, tokenizer, math, False, s["max_new_tokens_off"], bs,
-                                       desc=f"{who}: math, thinking off"),
+                                       desc=f"{who}: math, thinking off", cache=cache),
             "gen_if": generation_eval(model, tokenizer, chat, False, s["max_new_tokens_off"], bs,
-                                      desc=f"{who}: instruction following")}
+                                      desc=f"{who}: instruction following", cache=cache)}
 
 
 def _strip_samples(gen: dict) -> dict:
@@ -310,12 +358,14 @@ def _strip_samples(gen: dict) -> dict:
 
 def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = None,
                         suites=("text", "gen", "speed"), quick: bool = False, parent_gen: dict | None = None,
-                        **overrides) -> dict:
+                        gen_cache: GenCache | None = None, **overrides) -> dict:
     """All suites on `model`, with the parent's numbers and retention = model / parent.
 
     `model is parent` evaluates once (KL 0, agreement 1, retention 1; speed measured once). `parent_gen` (the
     "parent_gen" entry of an earlier metrics JSON with the same settings) spares re-running the parent's
-    generation. `overrides` change any size in FULL / QUICK (e.g. gen_problems=50).
+    generation. `gen_cache` (common.gen_cache) reuses greedy answers any stage already decoded for the same
+    weights, prompts and budgets, for the model and the parent. `overrides` change any size in FULL / QUICK
+    (e.g. gen_problems=50).
     """
     unknown = set(suites) - {"text", "gen", "speed"}
     if unknown:
@@ -338,13 +388,13 @@ def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = N
         timing["text_s"] = time.perf_counter() - t
     if "gen" in suites:
         t = time.perf_counter()
-        gen = _gen_suite(model, tokenizer, s)
+        gen = _gen_suite(model, tokenizer, s, cache=gen_cache)
         out |= _strip_samples(gen)
         out["samples"] = {k: v["samples"] for k, v in gen.items()}
         if same:
             parent_gen = _strip_samples(gen)
         elif parent_gen is None or (parent_gen.get("settings"), parent_gen.get("dtype")) != (out["settings"], out["dtype"]):
-            parent_gen = _strip_samples(_gen_suite(parent, tokenizer, s, who="parent"))
+            parent_gen = _strip_samples(_gen_suite(parent, tokenizer, s, who="parent", cache=gen_cache))
         parent_gen = {**{k: v for k, v in parent_gen.items() if k not in ("settings", "dtype")},
                       "settings": out["settings"], "dtype": out["dtype"]}
         out["parent_gen"] = parent_gen
@@ -399,6 +449,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 on CUDA and bf16-capable CPUs, float32 otherwise")
     p.add_argument("--threads", type=off_or(positive_int), default=-1, help="torch CPU threads (-1: torch's default)")
+    p.add_argument("--no-gen-cache", action="store_true", help="decode every answer again instead of reusing the "
+                   "greedy answers of the same weights in <run-dir>/gen_cache/ (common.gen_cache)")
     # sizes (default: FULL, or QUICK with --quick); -1 keeps the default
     for k, v in FULL.items():
         if not isinstance(v, tuple):
@@ -411,6 +463,7 @@ def main(argv=None):
     for path in (args.model, args.parent):  # everything is checked before the (long) evaluation starts
         check_checkpoint(path)
     check_metrics_free(args.run_dir, args.stage, args.model)
+    gen_cache = None if args.no_gen_cache else GenCache(os.path.join(args.run_dir, "gen_cache"))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -428,7 +481,7 @@ def main(argv=None):
     if not same and os.path.exists(cached):  # the parent's generation numbers from its own evaluation
         parent_gen = read_json(cached).get("parent_gen")
     metrics = evaluate_checkpoint(model, parent, tokenizer, suites=tuple(args.suites.split(",")), quick=args.quick,
-                                  parent_gen=parent_gen, **overrides)
+                                  parent_gen=parent_gen, gen_cache=gen_cache, **overrides)
     metrics = {"stage": args.stage, "model": args.model, "parent": args.parent, **metrics,
                "wall_s": time.perf_counter() - t0}
     path = write_metrics(args.run_dir, args.stage, metrics, out=args.model)

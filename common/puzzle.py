@@ -6,7 +6,9 @@ linear, no_op} and FFN {parent width, narrower widths (multiples of 256), linear
     library/library.json                          parent, variants (config, params, BLD loss curve), BLD stats
     library/variants/L003-ffn-w1024.safetensors   the trained subblock (its norm + module, DecoderLayer key names)
     library/variants/init/L003-ffn-w1024...       the same variant as initialized from the parent (no BLD)
-    library/scores.json                           replace-one-block KL / LM loss / top-1 agreement per variant
+    library/scores.json                           replace-one-block KL / LM loss / top-1 agreement per block: every
+                                                  (attention, FFN) pair of every layer ("pairs"), each replacing
+                                                  its whole layer of the parent, as Puzzle scores and picks blocks
 
 load_library() reads it back and checks every file first, so a damaged library stops with one line naming the file.
 
@@ -98,6 +100,11 @@ def variant_key(layer: int, subblock: str, name: str) -> str:
     return f"L{layer:03d}-{subblock}-{name}"
 
 
+def pair_key(layer: int, attention: str, ffn: str) -> str:
+    """A block: one attention and one FFN variant in one layer (what the search picks per layer)."""
+    return f"L{layer:03d}-attention-{attention}+ffn-{ffn}"
+
+
 # ----------------------------------------------------------------------------
 # A subblock as a standalone module (what BLD trains) and swapping it into a model
 
@@ -182,8 +189,9 @@ def load_variant_state(library_dir: str, entry: dict, parent_model=None, init: b
 
 
 def load_library(library_dir: str) -> tuple[dict, dict]:
-    """(library.json, scores.json's per-variant scores) of a finished block library. Raises CheckpointError
-    (one line, naming the file) if the library is missing or unfinished, or any of its files is damaged."""
+    """(library.json, scores.json's per-block scores {pair_key: scores}) of a finished block library. Raises
+    CheckpointError (one line, naming the file) if the library is missing or unfinished, or any of its files is
+    damaged, or it holds no pair scores (a library of an older 01 that scored subblocks alone)."""
     from common.checkpoint import CheckpointError, check_safetensors, read_json
 
     lib_json, scores_json = (os.path.join(library_dir, f) for f in ("library.json", "scores.json"))
@@ -195,17 +203,22 @@ def load_library(library_dir: str) -> tuple[dict, dict]:
     library, scores = read_json(lib_json), read_json(scores_json)
     need = ("parent", "num_layers", "space", "variants")
     missing = [k for k in need if k not in library] if isinstance(library, dict) else list(need)
-    if missing or not isinstance(scores, dict) or not isinstance(scores.get("variants"), dict):
-        where = f"{lib_json} has no {missing}" if missing else f"{scores_json} has no 'variants'"
+    if missing or not isinstance(scores, dict) or not isinstance(scores.get("pairs"), dict):
+        where = f"{lib_json} has no {missing}" if missing else f"{scores_json} has no block ('pairs') scores"
         raise CheckpointError(f"{where}; rebuild the library with 01_bld.py")
     for e in library["variants"]:
         if e.get("parent") or e.get("config", {}).get("no_op"):
             continue
-        if e.get("key") not in scores["variants"]:
-            raise CheckpointError(f"{scores_json} has no score for {e.get('key')}; rebuild the library with 01_bld.py")
         for init in (False, True):
             path = variant_path(library_dir, e["key"], init)
             if not os.path.isfile(path):
                 raise CheckpointError(f"library variant {path} is missing; restore it or rebuild the library")
             check_safetensors(path)
-    return library, scores["variants"]
+    names = {sub: [v["name"] for v in library["space"][sub]] for sub in SUBBLOCKS}
+    for l in range(library["num_layers"]):
+        for a in names["attention"]:
+            for f in names["ffn"]:
+                if pair_key(l, a, f) not in scores["pairs"]:
+                    raise CheckpointError(f"{scores_json} has no score for block {pair_key(l, a, f)}; rebuild the "
+                                          f"library with 01_bld.py")
+    return library, scores["pairs"]

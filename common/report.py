@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 
-STAGE_ORDER = ["timings", "parent", "bld", "mip", "mip_2x", "ffn_fusion", "distill", "distill_1.5x", "distill_2x",
+STAGE_ORDER = ["timings", "parent", "bld", "mip", "mip_2x", "ffn_fusion", "distill", "distill_unfused", "distill_1.5x",
+               "distill_2x",
                "kd_ablation", "sft", "sft_parent", "sft_eval", "grpo", "grpo_no_filter", "grpo_eval", "rlhf_rloo",
                "rlhf_reward_model", "rlhf_rpo_rpo_sq", "rlhf_rpo_rpo_bwd_kl", "rlhf_rpo_dpo", "rlhf_grpo_rm", "rpo_eval"]
 
@@ -37,6 +38,27 @@ def _val(v, n=None, se=None, sign=""):
     if v is None:
         return "-"
     return f"{v:{sign}.3g}" + (f" ± {se:.2g}" if se is not None else "") + (f" (n={n})" if n else "")
+
+
+def _pm(v, se=None):
+    """A measured value with its standard error where the metrics file has one: "2.33 ± 0.041"; else the value
+    itself (formatted by _table)."""
+    return v if se is None or v is None else f"{_fmt(v)} ± {se:.2g}"
+
+
+def _gaps(rows, vs: str, ref, label: str):
+    """The paired-difference cells of an ablation table, from rows[i][vs] (common.evaluate.paired_gaps against the
+    reference row `ref`): ΔKL and Δacc, each ± its paired SE, and which of the two gaps exceed 2 paired SE."""
+    out = []
+    for r in rows:
+        g = r.get(vs)
+        if r is ref or not g:
+            out.append(("-", "-", label if r is ref else "-"))
+            continue
+        beyond = [n for k, n in (("kl_parent", "KL"), ("next_token_acc", "acc")) if g.get(f"{k}_beyond_2se")]
+        out.append((_val(g.get("kl_parent"), se=g.get("kl_parent_se"), sign="+"),
+                    _val(g.get("next_token_acc"), se=g.get("next_token_acc_se"), sign="+"), ", ".join(beyond) or "no"))
+    return out
 
 
 def _table(header, rows):
@@ -104,24 +126,57 @@ def _bld(m, _):
           m["variants_improved_by_bld"], f"{m['score_seconds']:,.0f}")])
 
 
+def _speed(r):
+    """measured speedup (min-max over the paired rounds) as "1.52 (1.49-1.55)"."""
+    if r.get("measured_speedup_min") is None:
+        return _fmt(r["measured_speedup"])
+    return f"{r['measured_speedup']:.2f} ({r['measured_speedup_min']:.2f}-{r['measured_speedup_max']:.2f})"
+
+
 def _mip(m, name):
     lines = [f"## 02 Puzzle search: {name} (predicted {m['predicted_speedup']:.2f}x, measured "
              f"{m['measured_speedup']:.2f}x, next-token retention {m['next_token_acc_retention']:.3f})", ""]
-    cols = ["method", "measured speedup", "predicted", "params", "KL", "next-token acc", "top-1 agree"]
-    row = lambda r: (r["method"], r["measured_speedup"], r["predicted_speedup"], r["params"], r["kl"],  # noqa: E731
-                     r["next_token_acc"], r["top1_agreement"])
+    if m.get("ceiling_speedup") is not None:
+        lines += [f"Cost model: the parent and {len(m.get('cost_check') or []) - 1} random children predicted within "
+                  f"{m['cost_check_max_abs_error']:.1%} of their measured speed; the main child measured twice agrees "
+                  f"within {m['repeat_agreement']:.1%}; the ceiling (every block removed) is {m['ceiling_speedup']:.2f}x."
+                  f" Speedups: median of the paired rounds (min-max).", ""]
+    cols = ["method", "measured speedup", "predicted", "error", "of ceiling", "params", "KL", "next-token acc",
+            "top-1 agree"]
+    row = lambda r: (r["method"], _speed(r), r["predicted_speedup"],  # noqa: E731
+                     f"{r['prediction_error']:+.1%}" if r.get("prediction_error") is not None else "-",
+                     r.get("fraction_of_ceiling"), r["params"],
+                     _pm(r["kl"], r.get("kl_se")), _pm(r["next_token_acc"], r.get("next_token_acc_se")),
+                     _pm(r["top1_agreement"], r.get("top1_agreement_se")))
     if len(m.get("baselines", [])) > 1:
-        lines += ["Baselines at the child's predicted runtime:", ""] + _table(cols, [row(r) for r in m["baselines"]])
+        base = m["baselines"]
+        rows, bcols = [row(r) for r in base], cols
+        if any(r.get("vs_mip") for r in base):  # paired quality gaps to the MIP child, same chunks
+            bcols = cols + ["ΔKL vs MIP", "Δacc vs MIP", "gap > 2 SE"]
+            rows = [r + g for r, g in zip(rows, _gaps(base, "vs_mip", base[0], "MIP"))]
+        lines += ["Baselines at the child's predicted runtime:", ""] + _table(bcols, rows)
     if m.get("sweep"):
         lines += ["Pareto sweep (min-speedup targets):", ""] + _table(cols, [row(r) for r in m["sweep"]])
+    if m.get("cost_check"):
+        lines += ["Cost check (the parent and random children, predicted vs measured):", ""] + _table(
+            ["model", "measured speedup", "predicted", "error"],
+            [(r.get("method", "?"), _speed(r), r["predicted_speedup"], f"{r['prediction_error']:+.1%}")
+             for r in m["cost_check"]])
     return lines
 
 
 def _fusion(m, _):
     lines = [f"## 03 FFN Fusion ({m['child']}): sequential depth {m['depth_before']} → {m['depth_after']}", ""]
-    lines += _table(["merges", "fused blocks", "layers", "depth", "max dependency", "KL", "next-token acc"],
-                    [(lv["merges"], lv["fused_blocks"], lv["num_layers"], lv["depth"], lv["max_dependency"],
-                      lv["kl_parent"], lv["next_token_acc"]) for lv in m["levels"]])
+    levels = m["levels"]
+    cols = ["merges", "fused blocks", "layers", "depth", "max dependency", "KL", "next-token acc"]
+    rows = [(lv["merges"], lv["fused_blocks"], lv["num_layers"], lv["depth"], lv["max_dependency"],
+             _pm(lv["kl_parent"], lv.get("kl_parent_se")), _pm(lv["next_token_acc"], lv.get("next_token_acc_se")))
+            for lv in levels]
+    if any(lv.get("vs_unfused") for lv in levels):  # paired differences vs the unfused child, same chunks
+        cols += ["ΔKL vs unfused", "Δacc vs unfused", "gap > 2 SE"]
+        ref = next((lv for lv in levels if lv["merges"] == 0), None)
+        rows = [r + g for r, g in zip(rows, _gaps(levels, "vs_unfused", ref, "unfused"))]
+    lines += _table(cols, rows)
     sp = m.get("speed") or {}
     if sp.get("ratio"):
         lines += ["Fused vs unfused, same run:", ""] + _table(list(sp["ratio"]), [list(sp["ratio"].values())])
@@ -130,7 +185,8 @@ def _fusion(m, _):
 
 def _distill(m, name):
     lines = [f"## 04 Global KD: {name} ({m['student']}, loss {m['loss']}, {m['tokens']:,} tokens)", ""]
-    rows = [(k, m[k].get("kl_parent"), m[k].get("next_token_acc"), (m.get("retention") or {}).get(k),
+    rows = [(k, _pm(m[k].get("kl_parent"), m[k].get("kl_parent_se")),
+             _pm(m[k].get("next_token_acc"), m[k].get("next_token_acc_se")), (m.get("retention") or {}).get(k),
              m[k].get("top1_agreement")) for k in ("before", "after") if m.get(k)]
     lines += _table(["", "KL", "next-token acc", "retention", "top-1 agree"], rows)
     sp = m.get("speed") or {}
@@ -141,11 +197,20 @@ def _distill(m, name):
 
 def _ablation(m, _):
     pacc = (m.get("parent") or {}).get("next_token_acc")
+    table = m["table"]
     lines = [f"## 04 KD loss ablation ({m['student']}, {m['tokens_per_trial']:,} tokens per trial)", ""]
-    return lines + _table(["loss", "KL", "next-token acc", "retention", "top-1 agree", "LM loss"],
-                          [(r["loss"], r.get("kl_parent"), r.get("next_token_acc"),
-                            r.get("next_token_acc") / pacc if pacc and r.get("next_token_acc") else None,
-                            r.get("top1_agreement"), r.get("lm_loss")) for r in m["table"]])
+    cols = ["loss", "KL", "next-token acc", "retention", "top-1 agree", "LM loss"]
+    rows = [(r["loss"], _pm(r.get("kl_parent"), r.get("kl_parent_se")),
+             _pm(r.get("next_token_acc"), r.get("next_token_acc_se")),
+             r.get("next_token_acc") / pacc if pacc and r.get("next_token_acc") else None,
+             r.get("top1_agreement"), r.get("lm_loss")) for r in table]
+    if any(r.get("vs_best") for r in table):  # paired differences vs the lowest-KL row, same chunks
+        cols += ["ΔKL vs best", "Δacc vs best", "gap > 2 SE"]
+        ref = next((r for r in table if r["loss"] == m.get("best")), None)
+        rows = [r + g for r, g in zip(rows, _gaps(table, "vs_best", ref, "best"))]
+        lines += ["± = standard error over the evaluation chunks; Δ = paired difference vs the lowest-KL row, "
+                  "a finding only where the gap exceeds 2 paired SE (one seed: training noise comes on top).", ""]
+    return lines + _table(cols, rows)
 
 
 def _sft(m, _):
@@ -230,6 +295,33 @@ def _rpo_losses(metrics: dict) -> list[str]:
         ["loss", "steps", "RM score before", "after", "gain (paired SE)", "IF all-met gain", "math (on) gain"], rows)
 
 
+def _fusion_after_kd(metrics: dict) -> list[str]:
+    """FFN Fusion's table after training: the fused child and the unfused child after the same KD budget
+    (04's `distill` and `distill_unfused`), quality on the same evaluation chunks (paired) and speed vs the parent."""
+    fused, unfused = metrics.get("distill"), metrics.get("distill_unfused")
+    if not (fused and unfused and fused.get("after") and unfused.get("after")):
+        return []
+    rows = []
+    for label, m in (("unfused child", unfused), ("fused child", fused)):
+        a, sp = m["after"], (m.get("speed") or {}).get("ratio", {})
+        rows.append((label, m["student"], m["tokens"], _pm(a["kl_parent"], a.get("kl_parent_se")),
+                     _pm(a["next_token_acc"], a.get("next_token_acc_se")), (m.get("retention") or {}).get("after"),
+                     *[sp.get(k) for k in sorted(sp)]))
+    keys = sorted((fused.get("speed") or {}).get("ratio", {}))
+    lines = ["## 03 + 04 FFN Fusion after the same KD budget", ""]
+    lines += _table(["model", "student", "KD tokens", "KL", "next-token acc", "retention", *[f"{k} vs parent"
+                                                                                           for k in keys]], rows)
+    pa, pb = (m["after"].get("per_seq") or {} for m in (fused, unfused))
+    for k, name in (("kl_parent", "KL"), ("next_token_acc", "next-token acc")):
+        if pa.get(k) and len(pa[k]) == len(pb.get(k) or ()):
+            d = [x - y for x, y in zip(pa[k], pb[k])]
+            mean = sum(d) / len(d)
+            se = (sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1) / len(d)) ** 0.5
+            lines.append(f"fused − unfused {name}: {mean:+.3g} ± {se:.2g} (paired over {len(d)} chunks"
+                         f"{'; beyond 2 SE' if abs(mean) > 2 * se else '; within 2 SE'})")
+    return lines + [""]
+
+
 def _generic(m, name):
     flat = {k: f"{v:,.0f}" if k.endswith(("_s", "seconds")) and isinstance(v, float) else v  # seconds: whole
             for k, v in _scalars(m).items() if not k.startswith("args.")}
@@ -270,7 +362,7 @@ def render(run_dir: str) -> str:
             lines += _renderer(name, m)(m, name)
         except (KeyError, TypeError, ZeroDivisionError):  # an older or partial metrics file: list what it has
             lines += _generic(m, name)
-    return "\n".join(lines + _rpo_losses(metrics))
+    return "\n".join(lines + _fusion_after_kd(metrics) + _rpo_losses(metrics))
 
 
 def main(argv=None):

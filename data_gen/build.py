@@ -4,9 +4,23 @@
     python -m data_gen.build --out data/smol --tokenizer runs/smol/parent      # data card in tokens
     python -m data_gen.build --out data/smol --teacher runs/smol/sft --samples 8 --teacher-problems 200
 
-Writes DIR/{train,validation,test}.jsonl (split by problem id: the on/off versions of a problem stay together),
-DIR/eval.jsonl (the held-out eval set: math_problems.eval_problems + held-out instruction prompts, from the
-reserved eval bucket, so disjoint from the splits by construction and checked here), and DIR/data_card.json.
+Writes DIR/{train,validation,test}.jsonl, DIR/eval.jsonl, DIR/rl_math.jsonl (06_grpo.py's RL prompt pool) and
+DIR/data_card.json. Everything is held out by meaning, not by prompt string: a problem's `meaning_key` is what it
+asks with names and wording removed (math_problems.semantic_key, science_mcq.science_key,
+instructions.instruction_key; see SEMANTIC_KEYS).
+
+  eval.jsonl        math_problems.eval_problems + held-out instruction prompts: keys in the reserved eval bucket
+                    (records.in_eval_bucket of the key), as are the stages' own evaluation sets (05, 06, 07,
+                    common.evaluate: any size, any seed)
+  train/validation/test, rl_math.jsonl
+                    keys outside that bucket, so no renamed or reworded copy of any evaluation problem; checked here
+                    against eval.jsonl and every evaluation set the stages draw (preferences.heldout_prompts), and a
+                    candidate that still shares a key would be dropped and counted in data_card.json
+  the split         per category, problems grouped by key and the groups cut into train/validation/test: no meaning
+                    (and no problem id: the on/off versions of a problem stay together) lands in two splits
+
+With --overwrite, an old DIR/preference_pairs.jsonl (07_rlhf.py's, written on first use) is removed: it was drawn
+against the old data set's held-out sets.
 """
 
 import argparse
@@ -17,12 +31,21 @@ from collections import defaultdict
 
 from common.checkpoint import check_checkpoint, write_json_atomic
 from common.cli import nonneg_int, positive_int, prob
-from data_gen.instructions import generate_instructions
-from data_gen.math_problems import eval_problems, generate_math
-from data_gen.records import normalize_prompt, problem_records, read_jsonl, write_jsonl
-from data_gen.science_mcq import generate_science
+from data_gen.instructions import generate_instructions, instruction_key
+from data_gen.math_problems import eval_problems, generate_math, rl_problems, semantic_key
+from data_gen.preferences import heldout_prompts
+from data_gen.records import key_text, problem_records, read_jsonl, write_jsonl
+from data_gen.science_mcq import generate_science, science_key
 
 SPLITS = ("train", "validation", "test")
+KEYS = {"math": semantic_key, "science": science_key, "chat": instruction_key}
+SEMANTIC_KEYS = {  # written to data_card.json
+    "math": "math_problems.semantic_key: (level, template, the numbers sorted, answer); the template is the "
+            "question with numbers -> '#', person names -> '<name>', items -> '<item>' and wording variants merged "
+            "('Add # and #.' = 'What is # + #?'), so problems differing only in names, items or phrasing share a key",
+    "science": "science_mcq.science_key: the question stem (not the order of the options, so not the letter)",
+    "chat": "instructions.instruction_key: (topic, the constraints); not the task phrase or the order of the asks",
+}
 
 
 def parse_args(argv=None):
@@ -36,6 +59,8 @@ def parse_args(argv=None):
     ap.add_argument("--chat-reasoning-frac", type=prob, default=0.3, help="chat problems that also get an 'on' record")
     ap.add_argument("--eval-math", type=nonneg_int, default=200)
     ap.add_argument("--eval-instructions", type=nonneg_int, default=100)
+    ap.add_argument("--rl-math", type=nonneg_int, default=512, help="math problems in the RL prompt pool "
+                    "rl_math.jsonl (0 = leave it to 06_grpo.py, which writes it on first use)")
     ap.add_argument("--val-frac", type=prob, default=0.05)
     ap.add_argument("--test-frac", type=prob, default=0.05)
     # teacher traces (rejection sampling) for train math problems
@@ -58,30 +83,43 @@ def parse_args(argv=None):
     return args
 
 
-def dedupe(problems: list[dict], banned: set[str]) -> tuple[list[dict], int]:
-    """Drop repeated prompts and any prompt of the eval set (by normalized prompt)."""
-    seen, out = set(banned), []
+def meaning_key(p: dict) -> tuple:
+    """(category, the category's semantic key): what a problem or record asks, with names and wording removed."""
+    return p["category"], KEYS[p["category"]](p)
+
+
+def drop_heldout_meanings(problems: list[dict], banned: set) -> tuple[list[dict], dict]:
+    """Drop every problem whose meaning_key is in `banned` (the evaluation sets' keys), and any later problem sharing
+    a key with an earlier one; return the rest and the counts."""
+    seen, out, dropped = set(), [], {"eval_collisions": 0, "near_duplicates": 0}
     for p in problems:
-        key = normalize_prompt(p["question"])
-        if key not in seen:
-            seen.add(key)
+        k = meaning_key(p)
+        if k in banned:
+            dropped["eval_collisions"] += 1
+        elif k in seen:
+            dropped["near_duplicates"] += 1
+        else:
+            seen.add(k)
             out.append(p)
-    return out, len(problems) - len(out)
+    return out, dropped
 
 
-def split_by_id(problems: list[dict], val_frac: float, test_frac: float, seed: int) -> dict[str, list[dict]]:
-    """Per category, shuffle problem ids and cut them into train/validation/test: no id lands in two splits."""
+def split_by_meaning(problems: list[dict], val_frac: float, test_frac: float, seed: int) -> dict[str, list[dict]]:
+    """Per category, group problems by meaning_key, shuffle the groups and cut them into validation, test and train:
+    near-duplicates (same key, other names or wording) land in one split, and so do the on/off versions of a problem
+    (one prompt, one key, one id). Deterministic: groups are ordered by key text before the seeded shuffle."""
     out = {s: [] for s in SPLITS}
-    by_cat = defaultdict(list)
+    by_cat = defaultdict(lambda: defaultdict(list))
     for p in problems:
-        by_cat[p["category"]].append(p)
+        by_cat[p["category"]][key_text(meaning_key(p))].append(p)
     for cat in sorted(by_cat):
-        ps = sorted(by_cat[cat], key=lambda p: p["id"])
-        random.Random(f"{seed}:{cat}").shuffle(ps)
-        n_val, n_test = round(val_frac * len(ps)), round(test_frac * len(ps))
-        out["validation"] += ps[:n_val]
-        out["test"] += ps[n_val:n_val + n_test]
-        out["train"] += ps[n_val + n_test:]
+        groups = [sorted(g, key=lambda p: p["id"]) for _, g in sorted(by_cat[cat].items())]
+        random.Random(f"{seed}:{cat}").shuffle(groups)
+        n = sum(len(g) for g in groups)
+        n_val, n_test, taken = round(val_frac * n), round(test_frac * n), 0
+        for g in groups:  # a group that straddles a cut goes whole to the earlier split
+            out["validation" if taken < n_val else "test" if taken < n_val + n_test else "train"] += g
+            taken += len(g)
     return out
 
 
@@ -135,7 +173,8 @@ def load_local_tokenizer(path: str):
 def main(argv=None):
     args = parse_args(argv)
     files = [os.path.join(args.out, f"{s}.jsonl") for s in SPLITS + ("eval",)]
-    if not args.overwrite and any(os.path.exists(f) for f in files):
+    rl_path = os.path.join(args.out, "rl_math.jsonl")
+    if not args.overwrite and any(os.path.exists(f) for f in files + ([rl_path] if args.rl_math else [])):
         raise SystemExit(f"error: {args.out} already has data; pass --overwrite or choose another --out")
     tok = None  # everything read from disk is checked before the first file is written
     if args.tokenizer:
@@ -143,18 +182,23 @@ def main(argv=None):
     if args.teacher:
         check_checkpoint(args.teacher)
 
-    # held-out eval set first: everything else is deduped against it
+    # held-out sets first: eval.jsonl, and every evaluation set the stages draw (seeds 0 and 1234, their sizes)
     evalset = eval_problems(args.eval_math, args.seed) + generate_instructions(args.eval_instructions, args.seed,
                                                                                heldout=True)
-    banned = {normalize_prompt(p["question"]) for p in evalset}
+    heldout = evalset + heldout_prompts(max(500, args.eval_instructions), math_sizes=(args.eval_math,))
+    banned = {meaning_key(p) for p in heldout}
 
-    problems = (generate_math(args.math, args.seed) + generate_science(args.science, args.seed)
-                + generate_instructions(args.instructions, args.seed))
-    problems, dropped = dedupe(problems, banned)
-    by_split = split_by_id(problems, args.val_frac, args.test_frac, args.seed)
+    # training candidates: generators draw keys outside the eval bucket, distinct within each generator
+    drawn = {c: {} for c in KEYS}  # per category: draws rejected for their key
+    problems = (generate_math(args.math, args.seed, stats=drawn["math"])
+                + generate_science(args.science, args.seed, stats=drawn["science"])
+                + generate_instructions(args.instructions, args.seed, stats=drawn["chat"]))
+    problems, dropped = drop_heldout_meanings(problems, banned)
+    by_split = split_by_meaning(problems, args.val_frac, args.test_frac, args.seed)
     rng = random.Random(args.seed)
     splits = {s: to_records(ps, args.chat_reasoning_frac, rng) for s, ps in by_split.items()}
     splits["eval"] = to_records(evalset, 1.0, rng)
+    rl_pool = rl_problems(args.rl_math, args.seed, exclude=[q for q in heldout if q["category"] == "math"])
 
     teacher_stats = None
     if args.teacher:
@@ -167,10 +211,13 @@ def main(argv=None):
         print(f"teacher: kept {teacher_stats['kept']} of {teacher_stats['samples']} samples "
               f"({teacher_stats['wrong']} wrong, {teacher_stats['bad_format']} bad format)")
 
-    # no problem in two splits, nothing from the eval set in any split
+    # no problem and no meaning in two splits, no evaluation meaning in any split or in the RL pool
+    keys = {s: {meaning_key(r) for r in recs} for s, recs in splits.items()}
+    keys["rl_math"] = {meaning_key(p) for p in rl_pool}
     ids = {s: {r["id"] for r in recs} for s, recs in splits.items()}
-    assert not (ids["train"] & ids["validation"] or ids["train"] & ids["test"] or ids["validation"] & ids["test"])
-    assert not any(normalize_prompt(r["input"][0]["content"]) in banned for s in SPLITS for r in splits[s])
+    for x, y in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not ids[x] & ids[y] and not keys[x] & keys[y], (x, y)
+    assert not any(keys[s] & banned for s in SPLITS + ("rl_math",))
 
     for s, recs in splits.items():
         random.Random(f"{args.seed}:{s}").shuffle(recs)
@@ -180,15 +227,34 @@ def main(argv=None):
             from data_gen.records import load_records
             load_records(path).to_parquet(os.path.join(args.out, f"{s}.parquet"))
     read_jsonl(files[0])  # the written file reads back and validates
+    if args.rl_math:
+        write_jsonl(rl_path, [problem_records(p, modes=("on",))[0] for p in rl_pool], overwrite=args.overwrite)
+    stale = os.path.join(args.out, "preference_pairs.jsonl")
+    if args.overwrite and os.path.exists(stale):
+        os.remove(stale)
+        print(f"removed {stale} (drawn against the old data set; 07_rlhf.py writes a new one on first use)")
 
     card = data_card(splits, tok)
-    card.update(args=vars(args), problems=len(problems), dropped_duplicates=dropped,
+    card.update(args=vars(args), problems=len(problems), rl_math=len(rl_pool) if args.rl_math else None,
+                dropped_duplicates=sum(dropped.values()),
+                semantic_key={
+                    "definition": SEMANTIC_KEYS,
+                    "split": "held-out sets draw only keys in the eval bucket (records.in_eval_bucket: sha1 of the "
+                             "key's JSON, first byte % 8 == 0), train/validation/test and the RL pool only keys "
+                             "outside it; train/validation/test are cut by key (build.split_by_meaning)",
+                    "dropped": {c: {"eval_bucket": drawn[c]["other_side"],
+                                    "near_duplicates": drawn[c]["near_duplicates"]} for c in KEYS},
+                    "dropped_eval_collisions": dropped["eval_collisions"],
+                    "dropped_near_duplicates_across_generators": dropped["near_duplicates"]},
                 teacher={k: v for k, v in teacher_stats.items() if k != "pass_rate"} if teacher_stats else None)
     write_json_atomic(os.path.join(args.out, "data_card.json"), card)
     if teacher_stats:
         write_json_atomic(os.path.join(args.out, "teacher_pass_rate.json"), teacher_stats["pass_rate"])
     print_card(card)
-    print(f"wrote {', '.join(files)} ({dropped} duplicate or eval-set prompts dropped)")
+    rejected = {c: drawn[c]["other_side"] + drawn[c]["near_duplicates"] for c in KEYS}
+    print(f"wrote {', '.join(files)}{', rl_math.jsonl' if args.rl_math else ''}; held out by semantic key: "
+          f"{dropped['eval_collisions']} candidates shared a key with an evaluation problem (dropped), draws rejected "
+          f"for their key (eval bucket or near-duplicate): {rejected}")
 
 
 if __name__ == "__main__":

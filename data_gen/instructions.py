@@ -5,13 +5,15 @@ the record and checked by common.rewards.instruction_following_score, one verifi
     word_count {n} | include_keyword {keyword} | lowercase | bullet_count {n} | json_format | end_with {phrase}
 The template response satisfies every constraint (asserted here). All problems get a reasoning-off record;
 `think` is set so build.py can add reasoning-on versions for a fraction of them.
+Held out by meaning (`instruction_key`: topic and constraints, not the task phrase or the order of the asks): the
+eval bucket is decided by that key, so no training prompt is a rewording of an evaluation prompt.
 """
 
 import json
 import random
 
 from common.rewards import instruction_following_score
-from data_gen.records import sample_unique
+from data_gen.records import distinct_outside, sample_unique
 
 TOPICS = {
     "the ocean": ["The ocean covers about seventy percent of the planet.", "Most of its water is salty.",
@@ -88,9 +90,11 @@ def make_problem(r: random.Random) -> dict:
             "think": f"The user wants facts about {topic}. Constraints: {plan}. I will check each one."}
 
 
-def generate_instructions(n: int, seed: int = 0, heldout: bool = False) -> list[dict]:
+def generate_instructions(n: int, seed: int = 0, heldout: bool = False, stats=None) -> list[dict]:
+    """n prompts of distinct meaning (instruction_key), all inside (heldout) or outside the eval bucket by that key:
+    the held-out sets (heldout=True, any n: they are prefixes of one sequence) share no meaning with training."""
     rng = random.Random(f"eval-chat:{seed}") if heldout else random.Random(seed + 2_000_003)
-    return sample_unique(make_problem, n, rng, heldout)
+    return sample_unique(make_problem, n, rng, heldout, key=instruction_key, stats=stats)
 
 
 def instruction_key(p: dict) -> tuple:
@@ -110,16 +114,8 @@ def instruction_key(p: dict) -> tuple:
 
 def rl_instructions(n: int, seed: int = 0, exclude: list[dict] = ()) -> list[dict]:
     """n training instruction prompts for RL and preference pairs (their own seed space), none sharing an
-    instruction_key with `exclude` (the evaluation prompts) or with each other, none in the eval bucket."""
-    banned = {instruction_key(p) for p in exclude}
-    rng, out, seen = random.Random(f"rl-chat:{seed}"), [], set()
-    for _ in range(50):
-        for p in sample_unique(make_problem, n, rng, heldout=False):
-            k = instruction_key(p)
-            if k not in banned and k not in seen:
-                seen.add(k)
-                out.append(p)
-        if len(out) >= n:
-            return out[:n]
-    raise ValueError(f"only {len(out)} instruction prompts of distinct meaning outside the evaluation set; "
-                     f"ask for fewer than {n}")
+    instruction_key with each other or with `exclude` (a check for sets drawn some other way), none with a key in the
+    eval bucket (so none shared with any evaluation set)."""
+    rng = random.Random(f"rl-chat:{seed}")
+    return distinct_outside(lambda: sample_unique(make_problem, n, rng, heldout=False, key=instruction_key),
+                            instruction_key, n, exclude, "instruction prompts")

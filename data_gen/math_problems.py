@@ -11,13 +11,17 @@ its result: the concise reply of "detailed thinking off"), all ending in \\boxed
 The worked solution does every multi-digit operation column by column, right to left, one single-digit fact
 per line with the digits written so far ("7 + 8 = 15, so far 5, carry 1."): the long-form arithmetic a small
 model can follow, which is what thinking buys over answering at once. Every product has a one-digit factor.
-`eval_problems` draws from the reserved eval bucket (records.in_eval_bucket) with its own seed space, so it
-never overlaps what `generate_math` produces.
+Held out by meaning, not by string: `semantic_key` is what a problem asks with the surface removed (level, template
+with wording variants merged, the numbers, the answer; not the names, the items, the phrasing). `eval_problems`
+draws only keys in the reserved eval bucket (records.in_eval_bucket of the key), with its own seed space;
+`generate_math` and `rl_problems` draw only keys outside it. So no training or RL problem is a renamed or reworded
+copy of an evaluation problem, whatever the sizes and seeds of the sets (05's, 06's, common.evaluate's, eval.jsonl).
 """
 
 import random
+import re
 
-from data_gen.records import sample_unique
+from data_gen.records import distinct_outside, sample_unique
 
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena", "Mia", "Noor",
          "Omar", "Pia", "Ravi", "Sara", "Tom", "Uma", "Yuki", "Zoe"]
@@ -219,38 +223,57 @@ def make_problem(r: random.Random, level: int) -> dict:
             "short": f"{last}, so the answer is \\boxed{{{answer}}}."}
 
 
-def _by_level(n: int, rng: random.Random, levels, heldout: bool) -> list[dict]:
+def _by_level(n: int, rng: random.Random, levels, heldout: bool, stats=None) -> list[dict]:
     counts = [n // len(levels) + (i < n % len(levels)) for i in range(len(levels))]
-    return [p for lv, k in zip(levels, counts) for p in sample_unique(lambda r: make_problem(r, lv), k, rng, heldout)]
+    return [p for lv, k in zip(levels, counts)
+            for p in sample_unique(lambda r: make_problem(r, lv), k, rng, heldout, key=semantic_key, stats=stats)]
 
 
-def generate_math(n: int, seed: int = 0, levels=(1, 2, 3, 4, 5)) -> list[dict]:
-    """n distinct training problems, levels in equal shares, none in the eval bucket."""
-    return _by_level(n, random.Random(seed), levels, heldout=False)
+def generate_math(n: int, seed: int = 0, levels=(1, 2, 3, 4, 5), stats=None) -> list[dict]:
+    """n training problems of distinct meaning, levels in equal shares, no semantic key in the eval bucket."""
+    return _by_level(n, random.Random(seed), levels, heldout=False, stats=stats)
 
 
 def eval_problems(n: int = 200, seed: int = 0, levels=(1, 2, 3, 4, 5)) -> list[dict]:
-    """The fixed held-out eval set: its own seed space and only eval-bucket prompts (disjoint from training)."""
+    """The fixed held-out eval set: its own seed space and only eval-bucket semantic keys (disjoint by meaning from
+    every training set, at any n and seed)."""
     return _by_level(n, random.Random(f"eval-math:{seed}"), levels, heldout=True)
 
 
+# ----------------------------------------------------------------------------
+# the semantic key
+
+_NAME = re.compile(r"\b(?:" + "|".join(NAMES) + r")\b")
+_ITEM = re.compile(r"\b(?:" + "|".join(ITEMS) + r")s?\b")
+# the wording variants of one template (level1, level2) -> its first wording
+WORDINGS = {"Compute # + #.": "What is # + #?", "Add # and #.": "What is # + #?",
+            "Compute # - #.": "What is # - #?", "Subtract # from #.": "What is # - #?",
+            "Multiply # by #.": "What is # × #?"}
+
+
+def template_of(question: str) -> str:
+    """The question's template: numbers -> '#', names -> '<name>', items -> '<item>', wording variants merged.
+    'Ana buys 3 pens at $4 each ...' and 'Omar buys 3 cookies at $4 each ...' have one template."""
+    t = _ITEM.sub("<item>", _NAME.sub("<name>", re.sub(r"\d+", "#", question.strip())))
+    return WORDINGS.get(t, t)
+
+
 def semantic_key(p: dict) -> tuple:
-    """What a problem asks, independent of wording and names: (level, its numbers sorted, answer). "Add 59 and 80."
-    and "What is 80 + 59?" share a key, as do two shopping problems that differ only in who buys what. Held-out
-    sets are held out by this key, not by the prompt string."""
-    import re
+    """What a problem asks, independent of names and wording: (level, template, its numbers sorted, answer).
+    "Add 59 and 80." and "What is 80 + 59?" share a key, as do two shopping problems that differ only in who buys
+    which items; other numbers, another template or another level give another key. Takes a problem (question)
+    or a record (input messages). Held-out sets are held out by this key, not by the prompt string."""
     text = p.get("question") or p.get("input")
     if isinstance(text, list):  # a record's chat messages: the user turn
         text = " ".join(m["content"] for m in text if m.get("role") == "user")
-    return (p.get("difficulty"), tuple(sorted(int(x) for x in re.findall(r"\d+", text))), str(p.get("answer")))
+    return (p.get("difficulty"), template_of(text), tuple(sorted(int(x) for x in re.findall(r"\d+", text))),
+            str(p.get("answer")))
 
 
 def rl_problems(n: int, seed: int = 0, exclude: list[dict] = (), levels=(1, 2, 3, 4, 5)) -> list[dict]:
-    """n training problems for RL prompts (their own seed space), none sharing a semantic key with `exclude`
-    (the evaluation problems) and none in the eval bucket."""
-    banned = {semantic_key(p) for p in exclude}
-    rng, out = random.Random(f"rl-math:{seed}"), []
-    while len(out) < n:
-        batch = _by_level(n, rng, levels, heldout=False)
-        out += [p for p in batch if semantic_key(p) not in banned and p["id"] not in {q["id"] for q in out}]
-    return out[:n]
+    """n training problems of distinct meaning for RL prompts (their own seed space): no semantic key in the eval
+    bucket (so none shared with any evaluation set) and none shared with `exclude` (a check for sets drawn some
+    other way)."""
+    rng = random.Random(f"rl-math:{seed}")
+    return distinct_outside(lambda: _by_level(n, rng, levels, heldout=False), semantic_key, n, exclude,
+                            "math problems")

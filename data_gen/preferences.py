@@ -15,9 +15,9 @@ rejected answer differs from it in the one way the pair's `kind` names:
   wrong_mode            either prompt; the rejected answer is in the other mode's format: no think block with
                         thinking on, a think block with thinking off
 
-Held out: heldout=True pairs come from the evaluation bucket (data_gen.records.in_eval_bucket, the prompts the
-evaluation sets use); training pairs exclude every prompt that shares a meaning (instruction_key, semantic_key)
-with `exclude`. `kinds` chooses the kinds, so one kind can be left out of training and measured on held-out pairs:
+Held out by meaning: heldout=True pairs come from the evaluation bucket (data_gen.records.in_eval_bucket of the
+semantic key, the meanings the evaluation sets use); training pairs draw only keys outside it, and also exclude
+every prompt that shares a meaning (instruction_key, semantic_key) with `exclude`. `kinds` chooses the kinds, so one kind can be left out of training and measured on held-out pairs:
 what the reward model does not know.
 
 A pair, one JSON object per line (07_rlhf.py --pairs):
@@ -121,11 +121,11 @@ def make_pair(p: dict, kind: str, on: bool, r: random.Random) -> dict:
 
 
 def heldout_prompts(n_instructions: int = 500, math_sizes=()) -> list[dict]:
-    """The evaluation prompts of the pipeline, for `exclude=`: training pairs and RL prompts share no meaning with
-    them. Instruction sets are prefixes of one sequence (generate_instructions(n, 0, heldout=True)), so the first
-    n_instructions cover every smaller set; math sets of different sizes are not (eval_problems draws level by
-    level), so the sizes the stages use are listed (05: seed 1234; 06, 07, common.evaluate, build.py: seed 0)
-    plus `math_sizes` (seed 0)."""
+    """The evaluation prompts of the pipeline, for `exclude=` (a second check: training sets draw no key of the
+    eval bucket, so they share no meaning with any evaluation set of any size anyway). Instruction sets are
+    prefixes of one sequence (generate_instructions(n, 0, heldout=True)), so the first n_instructions cover every
+    smaller set; math sets of different sizes are not (eval_problems draws level by level), so the sizes the
+    stages use are listed (05: seed 1234; 06, 07, common.evaluate, build.py: seed 0) plus `math_sizes` (seed 0)."""
     sizes = {(n, 0) for n in (20, 30, 50, 100, 200, *math_sizes)} | {(n, 1234) for n in (32, 50, 64, 100)}
     return generate_instructions(n_instructions, 0, heldout=True) + [q for n, s in sorted(sizes) for q in eval_problems(n, s)]
 

@@ -85,13 +85,20 @@ def validate_record(rec, where: str) -> None:
 
 
 def normalize_prompt(text: str) -> str:
-    """The dedupe key: lowercase, whitespace collapsed."""
+    """A prompt compared as text (problem ids, exact repeats): lowercase, whitespace collapsed."""
     return re.sub(r"\s+", " ", text.strip().lower())
 
 
-def in_eval_bucket(prompt: str) -> bool:
-    """1 in 8 prompts (by a stable hash) are reserved for the held-out eval set; build.py never writes them."""
-    return hashlib.sha1(normalize_prompt(prompt).encode()).digest()[0] % 8 == 0
+def key_text(key) -> str:
+    """A key as stable text (the same on every machine and Python): a string as is, a tuple as JSON."""
+    return key if isinstance(key, str) else json.dumps(key, ensure_ascii=False)
+
+
+def in_eval_bucket(key) -> bool:
+    """1 in 8 meanings (by a stable hash of a problem's key: its semantic key, or a normalized prompt) are reserved
+    for the held-out sets; training sets never draw them, so every held-out set of any size or seed is disjoint by
+    meaning from every training set."""
+    return hashlib.sha1(key_text(key).encode()).digest()[0] % 8 == 0
 
 
 # ----------------------------------------------------------------------------
@@ -150,19 +157,53 @@ def problem_id(category: str, prompt: str) -> str:
     return f"{category}-{hashlib.sha1(normalize_prompt(prompt).encode()).hexdigest()[:12]}"
 
 
-def sample_unique(make_problem, n: int, rng, heldout: bool = False) -> list[dict]:
-    """n problems from `make_problem(rng)` with distinct prompts, all inside (heldout) or outside the eval bucket."""
-    seen, out = set(), []
+def sample_unique(make_problem, n: int, rng, heldout: bool = False, key=None, stats=None) -> list[dict]:
+    """n problems from `make_problem(rng)` of distinct meaning, all inside (heldout) or outside the eval bucket.
+
+    `key(problem)` is the problem's meaning (e.g. math_problems.semantic_key; default: the normalized prompt): the
+    bucket is decided by the key, not by the prompt string, so two wordings of one problem (other names, other
+    phrasing) always fall on the same side, and at most one of them is kept. `stats` (a dict, optional) counts the
+    draws rejected for their key: "near_duplicates" (the key of a problem already drawn, in other words) and
+    "other_side" (the key belongs to the other side of the eval bucket)."""
+    key = key or (lambda p: normalize_prompt(p["question"]))
+    stats = {} if stats is None else stats
+    for name in ("near_duplicates", "other_side"):
+        stats.setdefault(name, 0)
+    prompts, keys, out = set(), set(), []
     for _ in range(200 * n + 1000):
         if len(out) == n:
             return out
         p = make_problem(rng)
-        key = normalize_prompt(p["question"])
-        if key not in seen and in_eval_bucket(p["question"]) == heldout:
-            seen.add(key)
+        prompt = normalize_prompt(p["question"])
+        if prompt in prompts:  # the very same prompt again: not counted
+            continue
+        prompts.add(prompt)
+        k = key(p)
+        if in_eval_bucket(k) != heldout:
+            stats["other_side"] += 1
+        elif k in keys:
+            stats["near_duplicates"] += 1
+        else:
+            keys.add(k)
             p["id"] = ("eval-" if heldout else "") + problem_id(p["category"], p["question"])
             out.append(p)
-    raise ValueError(f"only {len(out)} distinct problems after many draws; ask for fewer than {n}")
+    raise ValueError(f"only {len(out)} problems of distinct meaning after many draws; ask for fewer than {n}")
+
+
+def distinct_outside(draw, key, n: int, exclude: list[dict], what: str) -> list[dict]:
+    """n items of distinct `key` from repeated `draw()` batches, none with a key of `exclude`; ValueError naming
+    `what` if 50 batches do not give n."""
+    banned = {key(p) for p in exclude}
+    out, seen = [], set()
+    for _ in range(50):
+        for p in draw():
+            k = key(p)
+            if k not in banned and k not in seen:
+                seen.add(k)
+                out.append(p)
+        if len(out) >= n:
+            return out[:n]
+    raise ValueError(f"only {len(out)} {what} of distinct meaning outside the evaluation set; ask for fewer than {n}")
 
 
 def problem_records(p: dict, modes=("on", "off")) -> list[dict]:

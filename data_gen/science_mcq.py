@@ -4,6 +4,7 @@
     A) 350  B) 3500  C) 35  D) 35000        -> answer "B"
 
 Difficulty 1: scale up by an integer amount (km -> m); 2: scale down, decimals (m -> km); 3: temperature.
+Held out by meaning (`science_key`: the question stem, not the order of the options or so the letter), like math.
 """
 
 import random
@@ -53,6 +54,16 @@ def make_problem(r: random.Random) -> dict:
             "short": f"The answer is \\boxed{{{letter}}}."}
 
 
-def generate_science(n: int, seed: int = 0, heldout: bool = False) -> list[dict]:
+def science_key(p: dict) -> tuple:
+    """What a question asks, independent of how its options are shuffled: ("science", the stem line). Takes a problem
+    (question) or a record (input messages)."""
+    text = p.get("question") or p.get("input")
+    if isinstance(text, list):  # a record's chat messages: the user turn
+        text = " ".join(m["content"] for m in text if m.get("role") == "user")
+    return "science", text.strip().split("\n")[0].strip()
+
+
+def generate_science(n: int, seed: int = 0, heldout: bool = False, stats=None) -> list[dict]:
+    """n questions of distinct stems, all inside (heldout) or outside the eval bucket (by science_key)."""
     rng = random.Random(f"eval-science:{seed}") if heldout else random.Random(seed + 1_000_003)
-    return sample_unique(make_problem, n, rng, heldout)
+    return sample_unique(make_problem, n, rng, heldout, key=science_key, stats=stats)

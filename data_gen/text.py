@@ -1,12 +1,17 @@
 """The distillation text mix, from English prose that ships with every Python 3.11 (no downloads).
 
-    train = distill_documents("train")      # BLD (01) and global KD (04)
+    train = distill_documents("train")      # BLD (01), global KD (04), FFN Fusion's dependency map (03)
     held = distill_documents("heldout")     # the evaluation suite: LM loss, KL and top-1 agreement vs the parent
+    score = distill_documents("score")      # 01's replace-one-block scores (what the search optimizes)
+    select = distill_documents("select")    # choices baselines make from text (02's ShortGPT layer ranking)
 
 Documents: each `pydoc_data.topics` entry (the language reference, ~465k characters) and, for a fixed list of
 pure-Python standard library modules, the module's docstrings (module, classes, functions) read from source
-with `ast` (nothing is imported, so the set does not depend on the platform). The split is by document: the
-15 % whose names hash lowest are held out, so it is the same on every machine and never mixes a document.
+with `ast` (nothing is imported, so the set does not depend on the platform). The split is by document, ranked
+by the hash of its name: the lowest 15 % are the evaluation text ("heldout"), the next 10 % the scoring text, the
+next 5 % the selection text, the rest training text. So it is the same on every machine, never mixes a document,
+and what the search optimizes (scores), what a baseline picks its layers on and what the tables report are three
+disjoint sets of documents (tests/test_data.py proves it on the tokens).
 """
 
 import ast
@@ -15,7 +20,7 @@ import hashlib
 import os
 import sysconfig
 
-HELDOUT_FRACTION = 0.15
+SPLITS = (("heldout", 0.15), ("score", 0.10), ("select", 0.05))  # by hash rank, in this order; the rest: "train"
 MODULES = """abc argparse ast base64 bdb bisect calendar cmd code codecs colorsys configparser contextlib copy csv
 dataclasses datetime difflib dis doctest enum filecmp fileinput fnmatch fractions ftplib functools getopt gettext
 glob gzip heapq hmac imaplib inspect ipaddress keyword linecache locale mailbox mimetypes numbers operator optparse
@@ -49,14 +54,26 @@ def _documents() -> dict[str, str]:
         text = _module_docs(m)
         if text:
             docs[f"module:{m}"] = text
-    return docs
+    first = {}  # a text under two names (the "if" and "else" topics) is one document, under its first name
+    return {k: v for k, v in docs.items() if first.setdefault(v, k) == k}
+
+
+def split_of_documents() -> dict[str, str]:
+    """document name -> its split ("heldout", "score", "select" or "train")."""
+    docs = all_documents()
+    by_hash = sorted(docs, key=lambda k: hashlib.sha1(k.encode()).hexdigest())
+    out, start = {}, 0
+    for name, frac in SPLITS:
+        end = start + round(frac * len(docs))
+        out.update({k: name for k in by_hash[start:end]})
+        start = end
+    return {k: out.get(k, "train") for k in docs}
 
 
 def distill_documents(split: str = "train") -> list[str]:
-    """Documents of the training part ("train") or the disjoint held-out part ("heldout"), in a fixed order."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"distill_documents: split must be 'train' or 'heldout', got {split!r}")
-    docs = all_documents()
-    by_hash = sorted(docs, key=lambda k: hashlib.sha1(k.encode()).hexdigest())
-    held = set(by_hash[:round(HELDOUT_FRACTION * len(docs))])
-    return [docs[k] for k in docs if (k in held) == (split == "heldout")]
+    """Documents of one split ("train", "heldout", "score" or "select"; pairwise disjoint), in a fixed order."""
+    names = ("train",) + tuple(n for n, _ in SPLITS)
+    if split not in names:
+        raise ValueError(f"distill_documents: split must be one of {', '.join(names)}; got {split!r}")
+    where = split_of_documents()
+    return [text for k, text in all_documents().items() if where[k] == split]

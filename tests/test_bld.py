@@ -1,5 +1,7 @@
 """01_bld.py on a tiny random parent: BLD lowers every trained variant's loss, no_op scores worse than the parent
-block, two gloo ranks build the same library as one, --resume continues where a crash stopped."""
+block, every (attention, FFN) pair is scored by replacing its whole layer (not by adding subblock scores), the
+scoring text spans many documents, two gloo ranks build the same library as one, --resume continues where a crash
+stopped."""
 
 import importlib.util
 import json
@@ -14,7 +16,7 @@ from safetensors.torch import load_file
 
 from common.checkpoint import save_checkpoint
 from common.model import parent_block
-from common.puzzle import variant_key
+from common.puzzle import pair_key, variant_key
 
 spec = importlib.util.spec_from_file_location("bld", os.path.join(ROOT, "01_bld.py"))
 bld = importlib.util.module_from_spec(spec)
@@ -86,6 +88,49 @@ def test_no_op_scores_worse_than_parent_block(lib):
             assert noop["top1_agreement"] < 1.0 == par["top1_agreement"]
 
 
+def test_every_block_is_scored_by_replacing_its_whole_layer(lib):
+    """A pair's score is that of the parent with the whole layer replaced, measured, not the sum of its subblocks'
+    scores: removing layer 1 entirely (no_op + no_op) equals a direct KL of the parent without layer 1."""
+    import torch.nn.functional as F
+
+    from common.checkpoint import load_checkpoint
+    from common.data import spread_chunks
+    from common.puzzle import set_subblock
+    from common.model import AttentionConfig, FFNConfig
+
+    root, out = lib
+    scores = read(os.path.join(out, "scores.json"))
+    pairs, space = scores["pairs"], read(os.path.join(out, "library.json"))["space"]
+    names = {s: [v["name"] for v in space[s]] for s in space}
+    assert len(pairs) == 4 * len(names["attention"]) * len(names["ffn"])
+    assert pairs[pair_key(0, "kv2", "w512")]["kl"] == 0.0
+    parent, tok = load_checkpoint(os.path.join(root, "parent"))
+    held = spread_chunks(tok, bld.load_documents(os.path.join(root, "text.txt"), "score"), 32, 2)
+    with torch.no_grad():
+        plogp = F.log_softmax(parent(held).logits.float(), -1)
+        set_subblock(parent, 1, "attention", AttentionConfig(no_op=True), None)
+        set_subblock(parent, 1, "ffn", FFNConfig(no_op=True), None)
+        logp = F.log_softmax(parent(held).logits.float(), -1)
+    kl = (plogp.exp() * (plogp - logp)).sum(-1).mean().item()
+    both = pairs[pair_key(1, "no_op", "no_op")]["kl"]
+    assert both == pytest.approx(kl, rel=1e-3)
+    parts = pairs[pair_key(1, "no_op", "w512")]["kl"] + pairs[pair_key(1, "kv2", "no_op")]["kl"]
+    assert abs(both - parts) > 1e-3 * both  # the subblock scores do not add up to the block's
+    assert scores["variants"][variant_key(1, "ffn", "no_op")] == pairs[pair_key(1, "kv2", "no_op")]
+
+
+def test_scoring_chunks_spread_over_documents():
+    from common.data import spread_chunks
+
+    tok = tiny_tokenizer()
+    docs = ["alpha beta gamma delta " * 40, "one two three four five " * 40, "red green blue " * 40]
+    ids = spread_chunks(tok, docs, 16, 4)
+    firsts = [tok(d, add_special_tokens=False)["input_ids"][:16] for d in docs]
+    assert [r.tolist() for r in ids[:3]] == firsts  # the first chunk of each document before any second chunk
+    with pytest.raises(ValueError, match="need 1000"):
+        spread_chunks(tok, docs, 16, 1000)
+
+
 def test_refuses_to_overwrite_finished_library(lib):
     root, out = lib
     with pytest.raises(SystemExit) as e:
@@ -103,7 +148,7 @@ def same_library(a, b, atol=1e-5):
             wb = load_file(os.path.join(b, "variants", eb["key"] + ".safetensors"))
             for k in wa:
                 torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4)
-    sa, sb = read(os.path.join(a, "scores.json"))["variants"], read(os.path.join(b, "scores.json"))["variants"]
+    sa, sb = read(os.path.join(a, "scores.json"))["pairs"], read(os.path.join(b, "scores.json"))["pairs"]
     for k in sa:
         assert sa[k]["kl"] == pytest.approx(sb[k]["kl"], rel=1e-3, abs=1e-6)
 

@@ -3,16 +3,18 @@
 import json
 import random
 import re
+from itertools import cycle
 
 import pytest
 
 from common.rewards import answer_correct, format_correct, instruction_following_score
 from data_gen import build
-from data_gen.instructions import generate_instructions
-from data_gen.math_problems import eval_problems, generate_math
-from data_gen.records import (load_records, normalize_prompt, problem_records, read_jsonl, validate_record,
-                              write_jsonl)
-from data_gen.science_mcq import generate_science
+from data_gen.instructions import generate_instructions, instruction_key
+from data_gen.math_problems import (ITEMS, NAMES, eval_problems, generate_math, make_problem, rl_problems,
+                                    semantic_key, template_of)
+from data_gen.records import (in_eval_bucket, load_records, normalize_prompt, problem_id, problem_records, read_jsonl,
+                              sample_unique, validate_record, write_jsonl)
+from data_gen.science_mcq import generate_science, science_key
 from data_gen.teacher import rejection_sample
 from data_gen.text import distill_documents
 
@@ -129,6 +131,7 @@ def test_eval_set_is_fixed_and_disjoint_from_training_problems():
     train = generate_math(3000, seed=0) + generate_math(3000, seed=1)
     assert not {normalize_prompt(p["question"]) for p in ev} & {normalize_prompt(p["question"]) for p in train}
     assert all(p["id"].startswith("eval-") for p in ev)
+    assert len({semantic_key(p) for p in ev}) == len(ev)  # no two eval problems ask the same thing
 
 
 def test_science_mcq_answer_is_the_correct_letter():
@@ -207,6 +210,112 @@ def test_build_splits_by_problem_id_and_excludes_the_eval_set(tmp_path, capsys):
     assert "math/on" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--overwrite"):
         build.main(["--out", out])
+
+
+# ----------------------------------------------------------------------------
+# held out by meaning: the semantic key
+
+def _renamed(p: dict, k: int) -> dict:
+    """p with every person name and item swapped for others (the k-th choice): the same problem in other words."""
+    q = p["question"]
+    for names in (NAMES, ITEMS):
+        used = sorted({w for w in names if re.search(rf"\b{w}s?\b", q)}, key=len, reverse=True)
+        free = [w for w in names if w not in used]
+        for i, w in enumerate(used):
+            q = re.sub(rf"\b{w}(s?)\b", rf"{free[(k + i) % len(free)]}\1", q)
+    return {**p, "question": q, "id": problem_id("math", q)}
+
+
+def test_semantic_key_ignores_names_and_wording_not_numbers():
+    shop = "{} buys 3 {}s at $4 each and one {} for $5. How many dollars does {} spend?"
+    a = {"question": shop.format("Ana", "pen", "apple", "Ana"), "answer": "17", "difficulty": 4}
+    b = {"question": shop.format("Omar", "cookie", "book", "Omar"), "answer": "17", "difficulty": 4}
+    assert semantic_key(a) == semantic_key(b)  # only names and items differ
+    assert semantic_key({**b, "question": b["question"].replace("$5", "$6"), "answer": "18"}) != semantic_key(a)
+    assert semantic_key({**a, "difficulty": 5}) != semantic_key(a)
+    tank = "A tank holds 5 liters. A pump adds 3 liters per minute for 4 minutes. How many liters are in the tank now?"
+    assert semantic_key({"question": tank, "answer": "17", "difficulty": 4}) != semantic_key(a)  # another template
+    sub = {"question": "Subtract 38 from 52.", "answer": "14", "difficulty": 1}
+    assert semantic_key(sub) == semantic_key({**sub, "question": "What is 52 - 38?"})  # a wording variant
+    assert semantic_key(sub) != semantic_key({**sub, "question": "Subtract 37 from 51."})  # other numbers
+    # a record read from disk has the key of its problem
+    p = generate_math(5, seed=3)[-1]
+    assert semantic_key(problem_records(p)[0]) == semantic_key(p)
+    # every wording variant of a template is merged: as many templates per level as the generators have
+    r = random.Random(0)
+    n_templates = {lv: len({template_of(make_problem(r, lv)["question"]) for _ in range(2000)}) for lv in range(1, 6)}
+    assert n_templates == {1: 2, 2: 3, 3: 3, 4: 5, 5: 3}
+    # the other held-out kinds: the order of the options is not the meaning of a science question
+    q = generate_science(1, seed=0)[0]
+    stem, *options, last = q["question"].split("\n")
+    assert science_key({**q, "question": "\n".join([stem, *reversed(options), last])}) == science_key(q)
+    c = generate_instructions(1, seed=0)[0]
+    assert instruction_key({**c, "constraints": list(reversed(c["constraints"]))}) == instruction_key(c)
+
+
+def test_near_duplicates_fall_on_one_side_of_every_split():
+    """The old bug: the eval bucket hashed the prompt string, so a renamed copy of an eval problem could be drawn for
+    training. By the key, a problem and its renamed copies are on one side of the eval bucket and in one split."""
+    from data_gen.build import split_by_meaning
+    r = random.Random(0)
+    problems = [make_problem(r, lv) for lv in (4, 5) for _ in range(100)]
+    pairs = [({**p, "id": problem_id("math", p["question"])}, _renamed(p, k)) for k in range(3) for p in problems]
+    pairs = [(a, b) for a, b in pairs if a["question"] != b["question"]]
+    assert len(pairs) > 400 and all(semantic_key(a) == semantic_key(b) for a, b in pairs)
+    split_old = [(a, b) for a, b in pairs if in_eval_bucket(normalize_prompt(a["question"]))
+                 != in_eval_bucket(normalize_prompt(b["question"]))]
+    assert len(split_old) > 50  # by prompt string these near-duplicates were split between eval and training
+    assert all(in_eval_bucket(semantic_key(a)) == in_eval_bucket(semantic_key(b)) for a, b in pairs)
+    # a generator keeps one problem per key, on the key's side: of a pair the old rule split, one is drawn, once
+    a, b = split_old[0]
+    side, stats = in_eval_bucket(semantic_key(a)), {}
+    with pytest.raises(ValueError, match="distinct meaning"):
+        sample_unique(lambda _, it=cycle([a, b]): dict(next(it)), 2, None, side, key=semantic_key, stats=stats)
+    assert stats == {"near_duplicates": 1, "other_side": 0}
+    with pytest.raises(ValueError, match="distinct meaning"):
+        sample_unique(lambda _, it=cycle([a, b]): dict(next(it)), 1, None, not side, key=semantic_key)
+    # train/validation/test: each pair lands whole in one split, and the splits are cut near the asked fractions
+    problems = list({p["id"]: p for ab in pairs for p in ab}.values())  # each problem and its 1-3 renamed copies
+    split = split_by_meaning(problems, 0.2, 0.2, seed=0)
+    side = {p["id"]: s for s, ps in split.items() for p in ps}
+    assert all(side[a["id"]] == side[b["id"]] for a, b in pairs)
+    assert sorted(side) == sorted(p["id"] for p in problems)
+    for s in ("validation", "test"):  # a group of up to 4 that straddles a cut goes whole to one side
+        assert abs(len(split[s]) - round(0.2 * len(problems))) < 4, s
+    assert split == split_by_meaning(list(reversed(problems)), 0.2, 0.2, seed=0)  # deterministic, order-free
+
+
+def test_no_training_set_shares_a_key_with_any_evaluation_set():
+    """Any size and seed: the stages' sets (05: seed 1234; 06, 07, common.evaluate: seed 0) and any other."""
+    evals = [q for n, s in ((4, 0), (30, 0), (100, 0), (200, 0), (8, 1234), (32, 1234), (64, 1234), (37, 7))
+             for q in eval_problems(n, s)]
+    train = generate_math(3000, seed=0) + generate_math(1000, seed=5) + rl_problems(512, seed=0)
+    assert not {semantic_key(p) for p in evals} & {semantic_key(p) for p in train}
+    chat_eval = generate_instructions(300, 0, heldout=True) + generate_instructions(50, 3, heldout=True)
+    chat_train = generate_instructions(1000, 0)
+    assert not {instruction_key(p) for p in chat_eval} & {instruction_key(p) for p in chat_train}
+    sci = generate_science(100, 0, heldout=True), generate_science(1000, 0)
+    assert not {science_key(p) for p in sci[0]} & {science_key(p) for p in sci[1]}
+
+
+def test_built_data_holds_out_every_evaluation_problem_by_meaning(tmp_path):
+    from data_gen.build import meaning_key
+    out = str(tmp_path / "d")
+    build.main(["--out", out, "--math", "600", "--science", "100", "--instructions", "100", "--eval-math", "100",
+                "--eval-instructions", "30", "--rl-math", "256", "--val-frac", "0.1", "--test-frac", "0.1"])
+    files = {s: read_jsonl(f"{out}/{s}.jsonl") for s in ("train", "validation", "test", "eval", "rl_math")}
+    keys = {s: {meaning_key(r) for r in recs} for s, recs in files.items()}
+    assert len(files["rl_math"]) == 256
+    stage_evals = ([q for n, s in ((4, 0), (30, 0), (100, 0), (8, 1234), (32, 1234), (64, 1234))
+                    for q in eval_problems(n, s)] + generate_instructions(100, 0, heldout=True))
+    held = keys["eval"] | {meaning_key(q) for q in stage_evals}
+    for s in ("train", "validation", "test", "rl_math"):
+        assert not keys[s] & held, s
+    for x, y in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not keys[x] & keys[y], (x, y)
+    card = json.load(open(f"{out}/data_card.json"))["semantic_key"]
+    assert set(card["definition"]) == {"math", "science", "chat"} and card["dropped_eval_collisions"] == 0
+    assert card["dropped"]["math"]["eval_bucket"] > 0  # draws whose meaning is reserved for evaluation
 
 
 # ----------------------------------------------------------------------------

@@ -86,6 +86,24 @@ def test_distilled_checkpoint_records_parent_and_metrics(ckpts):
         distill.main(argv(ckpts, "full", "--max-steps", "2"))
 
 
+def test_loss_ablation_rows_carry_se_and_paired_gaps_to_the_lowest_kl_row(ckpts, capsys):
+    distill.main(argv(ckpts, "abl", "--loss-ablation", "lm;fkl", "--max-steps", "2", "--lr", "1e-3",
+                      "--eval-tokens", "128", "--metrics-name", "abl"))
+    m = read_json(str(ckpts / "metrics" / "abl.json"))
+    table = m["table"]
+    assert [r["loss"] for r in table] == ["none (no uptraining)", "lm", "fkl"]
+    best = min(table, key=lambda r: r["kl_parent"])
+    assert m["best"] == best["loss"] and not any(best["vs_best"][k] for k in best["vs_best"])  # 0, 0, False
+    for r in table:
+        assert len(r["per_seq"]["kl_parent"]) == 4 and r["kl_parent_se"] > 0 and r["next_token_acc_se"] >= 0
+        g = r["vs_best"]
+        assert g["kl_parent"] == pytest.approx(r["kl_parent"] - best["kl_parent"]) and g["kl_parent"] >= 0
+        for k in ("kl_parent", "next_token_acc"):
+            assert g[f"{k}_beyond_2se"] == (abs(g[k]) > 2 * g[f"{k}_se"])
+    out = capsys.readouterr().out
+    assert "| gap > 2 SE |" in out and out.count("| best |") == 1 and " ± " in out
+
+
 def test_resume_reproduces_the_uninterrupted_loss_curve_and_nan_keeps_last_good_state(ckpts):
     common = ["--max-steps", "6", "--save-every", "2", "--lr", "1e-3"]
     ref = distill.main(argv(ckpts, "ref", *common, "--metrics-name", "ref"))

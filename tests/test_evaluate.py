@@ -2,13 +2,15 @@
 
 import copy
 import json
+import statistics
 
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from common.checkpoint import save_checkpoint
-from common.evaluate import TextEval, evaluate_checkpoint, generation_eval, main, speed_eval
+from common.evaluate import (TEXT_METRICS, TextEval, evaluate_checkpoint, generation_eval, main, paired_diff,
+                             paired_gaps, speed_eval)
 from common.generate import generate
 
 
@@ -59,6 +61,41 @@ def test_text_eval_perturbed_model_has_positive_kl_matching_exact_float64_kl(par
     assert m["kl_parent"] == pytest.approx(exact, rel=1e-3)  # the float16 cache is exact enough
     assert m["top1_agreement"] == pytest.approx(agree)
     assert tev(perturbed(model, scale=0.2))["kl_parent"] > m["kl_parent"]  # a larger change, a larger KL
+
+
+def test_text_eval_se_is_the_standard_error_of_the_per_chunk_values(parent_and_eval):
+    model, _, tev = parent_and_eval
+    child = perturbed(model)
+    m = tev(child)
+    with torch.no_grad():  # each chunk's values by hand, float64, no cache
+        lp = model(tev.ids).logits.double().log_softmax(-1)
+        lq = child(tev.ids).logits.double().log_softmax(-1)
+    tgt = tev.ids[:, 1:]
+    by_hand = {"lm_loss": -lq[:, :-1].gather(-1, tgt[..., None]).squeeze(-1).mean(1),
+               "next_token_acc": (lq[:, :-1].argmax(-1) == tgt).double().mean(1),
+               "kl_parent": (lp.exp() * (lp - lq)).sum(-1).mean(1),
+               "top1_agreement": (lp.argmax(-1) == lq.argmax(-1)).double().mean(1)}
+    for k, v in by_hand.items():
+        v = v.tolist()
+        assert len(m["per_seq"][k]) == 6 and m["per_seq"][k] == pytest.approx(v, rel=1e-3), k
+        assert m[f"{k}_se"] > 0 and m[f"{k}_se"] == pytest.approx(statistics.stdev(v) / 6 ** 0.5, rel=5e-3), k
+        assert statistics.mean(m["per_seq"][k]) == pytest.approx(m[k]), k  # the per-chunk values average to it
+
+
+def test_paired_diff_of_a_model_against_itself_is_zero(parent_and_eval):
+    model, _, tev = parent_and_eval
+    a, b = tev(perturbed(model)), tev(perturbed(model, scale=0.2))
+    for k in TEXT_METRICS:
+        assert paired_diff(a, a, k) == (0.0, 0.0)
+        assert paired_diff(tev(model), tev.parent_metrics, k) == pytest.approx((0.0, 0.0), abs=1e-6)
+    d, se = paired_diff(b, a, "kl_parent")  # a larger perturbation: a larger KL, by more than its noise here
+    assert d == pytest.approx(b["kl_parent"] - a["kl_parent"]) and 0 < se < d
+    g = paired_gaps(b, a)
+    assert g["kl_parent"] == d and g["kl_parent_se"] == se and g["kl_parent_beyond_2se"] == (d > 2 * se)
+    assert paired_gaps(a, a) == {"kl_parent": 0.0, "kl_parent_se": 0.0, "kl_parent_beyond_2se": False,
+                                 "next_token_acc": 0.0, "next_token_acc_se": 0.0, "next_token_acc_beyond_2se": False}
+    with pytest.raises(ValueError, match="same evaluation chunks"):
+        paired_diff(a, {"per_seq": {"kl_parent": [0.0]}}, "kl_parent")
 
 
 def test_generate_returns_n_samples_per_prompt():

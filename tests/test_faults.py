@@ -216,7 +216,7 @@ BLD = ["--parent", "{d}/parent", "--data", "{d}/text.txt", "--num-seqs", "8", "-
        "--dtype", "float32", "--threads", "1", "--save-every", "-1", "--wandb-mode", "disabled"]
 BLD_CASE = BLD + ["--out", "{d}/lib2", "--metrics-name", "bld2"]
 MIP = ["--library", "{d}/library", "--out", "{d}/child2", "--max-params", "0.9", "--batch", "1", "--prefill", "8",
-       "--gen-len", "2", "--cost-repeats", "1", "--cost-copies", "1", "--speed-repeats", "1", "--eval-seqs", "1",
+       "--gen-len", "2", "--cost-repeats", "1", "--cost-layers", "1", "--speed-repeats", "1", "--eval-seqs", "1",
        "--eval-seq-len", "16", "--threads", "1", "--speed-dtype", "float32", "--no-baselines", "--wandb-mode",
        "disabled", "--metrics-name", "mip2"]
 FUSE = ["--child", "{d}/child", "--out", "{d}/fused", "--calib-tokens", "32", "--seq-len", "16", "--eval-tokens", "32",

@@ -56,6 +56,30 @@ def test_fused_block_equals_parallel_sum():
     assert torch.equal(fused.model.layers[2].mlp.up_proj.weight, child.model.layers[5].mlp.up_proj.weight)
 
 
+def test_runs_look_through_removed_layers_and_fuse_across_them():
+    """A layer Puzzle removed whole is the identity: FFN-only blocks on both sides of it form one run, and fusing
+    them drops it (x + f1(x) + f3(x))."""
+    child = hand_made_child(tiny_model(num_layers=5), [1, 2, 3])
+    blocks = [b.to_dict() for b in child.config.block_configs]
+    blocks[2]["ffn"] = {"ffn_mult": None, "no_op": True, "replace_with_linear": False}
+    cfg = child.config.to_dict()
+    cfg["block_configs"] = blocks
+    gapped = DeciLMForCausalLM(type(child.config).from_dict(cfg))
+    gapped.load_state_dict({k: v for k, v in child.state_dict().items() if not k.startswith("model.layers.2.")},
+                           strict=False)
+    gapped.eval()
+    assert ffn_fusion.attention_free_runs(gapped.config) == [[1, 3]]
+    fused, layer_map = ffn_fusion.fuse_ffn_blocks(gapped, [[1, 3]])
+    assert fused.config.num_hidden_layers == 3 and layer_map == [0, 3, 4]
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        parallel = x + gapped.model.layers[1].ffn_delta(x) + gapped.model.layers[3].ffn_delta(x)
+        out = fused.model.layers[1](x)
+    assert (out - parallel).abs().max().item() < 1e-5 * parallel.abs().max().item()
+    with pytest.raises(ValueError, match="not a run"):
+        ffn_fusion.fuse_ffn_blocks(child, [[1, 3]])  # layer 2 between them is FFN-only, not removed: no
+
+
 def test_attention_free_runs_and_depth():
     child = hand_made_child(tiny_model(num_layers=7), [1, 2, 4, 5, 6])
     assert ffn_fusion.attention_free_runs(child.config) == [[1, 2], [4, 5, 6]]
@@ -119,6 +143,13 @@ def test_fused_checkpoint_reloads_generates_and_has_the_depth_fusion_json_says(t
     assert fusion["depth_before"] == 6 + 2 and fusion["depth_after"] == 6 + 2 - 2
     assert os.path.isfile(tmp_path / "fused" / "dependency_map.png")
     assert metrics["speed"]["ratio"]["decode_tok_s_b1"] > 0 and len(metrics["levels"]) == 3
+    unfused = metrics["levels"][0]  # each level: ± SE over the 4 chunks, paired difference vs the unfused child
+    assert unfused["merges"] == 0 and not any(unfused["vs_unfused"].values())
+    for lv in metrics["levels"]:
+        assert lv["kl_parent_se"] >= 0 and len(lv["per_seq"]["next_token_acc"]) == 4
+        g = lv["vs_unfused"]
+        assert g["kl_parent"] == pytest.approx(lv["kl_parent"] - unfused["kl_parent"], abs=1e-9)
+        assert g["next_token_acc_beyond_2se"] == (abs(g["next_token_acc"]) > 2 * g["next_token_acc_se"])
     fused, _ = load_checkpoint(str(tmp_path / "fused"))
     assert fused.config.num_hidden_layers == 4
     calls = []  # measured sequential depth: subblock modules executed in one forward

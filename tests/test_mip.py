@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import ROOT
 from test_bld import build_library
+from test_costs import params_as_seconds
 
 import common  # noqa: F401  (registers nemotron-nas)
+from common import costs
 
 spec = importlib.util.spec_from_file_location("mip", os.path.join(ROOT, "02_mip_select.py"))
 mip = importlib.util.module_from_spec(spec)
@@ -27,41 +29,60 @@ def lib(tmp_path_factory):
 
 def mip_argv(root, out, *extra):
     return ["--library", os.path.join(root, "library"), "--out", out, "--batch", "2", "--prefill", "16",
-            "--gen-len", "4", "--cost-repeats", "2", "--cost-copies", "2", "--cost-decode-steps", "2",
+            "--gen-len", "4", "--cost-repeats", "2", "--cost-layers", "2", "--cost-decode-steps", "2",
             "--speed-repeats", "1", "--eval-seqs", "2", "--eval-seq-len", "32", "--threads", "1",
             "--speed-dtype", "float32", "--wandb-mode", "disabled", *extra]
 
 
 def test_mip_meets_constraints_and_matches_brute_force():
+    """One block (attention, FFN pair) per layer, scored as a pair; costs add over the pair's subblocks."""
     rng = random.Random(0)
     L, names = 3, {"attention": ["a0", "a1", "a2"], "ffn": ["f0", "f1", "f2"]}
     items = [(l, s, n) for l in range(L) for s in names for n in names[s]]
-    score = {it: rng.random() for it in items}
+    blocks = [(l, a, f) for l in range(L) for a in names["attention"] for f in names["ffn"]]
+    score = {b: rng.random() for b in blocks}  # not a sum of subblock scores
     cost_a = {it: rng.uniform(1, 5) for it in items}
     cost_b = {it: rng.uniform(1, 5) for it in items}
     cons = {"a": (cost_a, 1.0, 19.0), "b": (cost_b, 0.5, 19.0)}
-    choice, status = mip.solve_mip(items, L, score, cons, time_limit=20)
+    choice, status = mip.solve_mip(score, cons, time_limit=20)
     assert status == "Optimal"
     chosen = [(l, s, n) for (l, s), n in choice.items()]
     for cost, const, budget in cons.values():
         assert sum(cost[i] for i in chosen) + const <= budget + 1e-6
     best = None
-    per_slot = [[(l, s, n) for n in names[s]] for l in range(L) for s in names]
-    for combo in itertools.product(*per_slot):
-        if all(sum(c[i] for i in combo) + k <= b for c, k, b in cons.values()):
-            v = sum(score[i] for i in combo)
+    per_layer = [[b for b in blocks if b[0] == l] for l in range(L)]
+    for combo in itertools.product(*per_layer):
+        sub = [(l, "attention", a) for l, a, _ in combo] + [(l, "ffn", f) for l, _, f in combo]
+        if all(sum(c[i] for i in sub) + k <= b for c, k, b in cons.values()):
+            v = sum(score[b] for b in combo)
             best = v if best is None else min(best, v)
-    assert best is not None and sum(score[i] for i in chosen) == pytest.approx(best, abs=1e-6)
-    # a second, diverse solution differs in at least min_hamming subblock choices
-    second, _ = mip.solve_mip(items, L, score, cons, 20, exclude=[choice], min_hamming=2)
-    assert sum(choice[k] != second[k] for k in choice) >= 2
+    assert best is not None and sum(score[b] for b in mip.blocks_of(choice)) == pytest.approx(best, abs=1e-6)
+    # a second, diverse solution differs in at least min_hamming layers' blocks
+    second, _ = mip.solve_mip(score, cons, 20, exclude=[choice], min_hamming=2)
+    assert sum(a != b for a, b in zip(mip.blocks_of(choice), mip.blocks_of(second))) >= 2
 
 
-def test_infeasible_constraints_name_the_binding_one(lib):
+def test_mip_removes_whole_layers_when_the_block_score_says_so():
+    """Pair scores where removing a whole layer costs less than the sum of its parts: the MIP removes a layer,
+    which a sum of subblock scores would have ruled out."""
+    L, names = 2, {"attention": ["attn", "no_op"], "ffn": ["ffn", "no_op"]}
+    blocks = [(l, a, f) for l in range(L) for a in names["attention"] for f in names["ffn"]]
+    score = {b: 0.0 if b[1:] == ("attn", "ffn") else 1.0 for b in blocks}
+    score[(0, "no_op", "no_op")] = 2.5  # layer 0: the parts add up (about)
+    score[(1, "no_op", "no_op")] = 1.2  # layer 1: less than attention-only (1.0) + FFN-only (1.0) removal
+    rt = {(l, s, n): (0.0 if n == "no_op" else 1.0) for l in range(L) for s in names for n in names[s]}
+    choice, _ = mip.solve_mip(score, {"runtime": (rt, 0.0, 2.0)}, 20)  # must drop two subblocks' runtime
+    assert mip.blocks_of(choice) == [(0, "attn", "ffn"), (1, "no_op", "no_op")]
+
+
+def test_infeasible_constraints_name_the_binding_one(lib, monkeypatch, tmp_path):
+    # noiseless timings: on a shared CPU a tiny model's measured costs can be negative (never clipped), and then
+    # any speedup looks feasible; their cost cache goes to tmp_path, away from the other tests' run directory
+    monkeypatch.setattr(costs, "scenario_seconds", params_as_seconds)
     root, _ = lib
     out = os.path.join(root, "child_infeasible")
     with pytest.raises(SystemExit) as e:
-        mip.main(mip_argv(root, out, "--max-params", "0.9", "--min-speedup", "1000"))
+        mip.main(mip_argv(root, out, "--max-params", "0.9", "--min-speedup", "1000", "--run-dir", str(tmp_path)))
     err = str(e.value.code)  # sys.exit("error: ..."): printed at exit, exit status 1
     assert err.startswith("error: ") and "\n" not in err
     assert "min_speedup is binding" in err and "tightest feasible value is --min-speedup" in err

@@ -36,7 +36,7 @@ def test_report_tables(tmp_path):
     _write(r, "zzz_custom", {"a": {"b": 1.5}})
     text = render(r)
     assert "| total | 420 | 7 |" in text
-    assert "| greedy per-layer | 1.52 | 1.6 | 90,000,000 | 0.5 | 0.4 | 0.7 |" in text
+    assert "| greedy per-layer | 1.52 | 1.6 | - | - | 90,000,000 | 0.5 | 0.4 | 0.7 |" in text
     assert "| thinking on | SFT | 0.25 (n=32) | - | 1 | - |" in text
     assert "| cosine,fkl | 0.2 | 0.45 | 0.9 | 0.8 | 3.1 |" in text
     assert "| a.b | 1.5 |" in text
@@ -59,6 +59,38 @@ def test_report_rounds_long_floats_to_what_a_reader_can_use(tmp_path):
     assert "| 3.14 | 0.412 | 0.0123 | 1 | 8,192 |" in text
     assert "| thinking on | 0.33 (n=30) | - | - | 187 | - |" in text
     assert "| wall_s | 213 |" in text and "| speedup | 1.99 |" in text and "| big | 12,346 |" in text
+
+
+def test_report_shows_se_and_marks_gaps_beyond_2_paired_se(tmp_path):
+    r = str(tmp_path)
+    row = {"method": "MIP (KL score)", "measured_speedup": 1.52, "predicted_speedup": 1.6, "params": 90_000_000,
+           "kl": 0.31, "kl_se": 0.0123, "next_token_acc": 0.40, "next_token_acc_se": 0.011, "top1_agreement": 0.7}
+    _write(r, "mip", {"predicted_speedup": 1.6, "measured_speedup": 1.52, "next_token_acc_retention": 0.9,
+                      "baselines": [row, dict(row, method="greedy per-layer", kl=0.5)], "sweep": [row]})
+    def gaps(dk, sk, da, sa):  # common.evaluate.paired_gaps' fields
+        return {"kl_parent": dk, "kl_parent_se": sk, "kl_parent_beyond_2se": abs(dk) > 2 * sk,
+                "next_token_acc": da, "next_token_acc_se": sa, "next_token_acc_beyond_2se": abs(da) > 2 * sa}
+    ev = lambda kl, acc: {"kl_parent": kl, "kl_parent_se": 0.051, "next_token_acc": acc,  # noqa: E731
+                          "next_token_acc_se": 0.0123, "top1_agreement": 0.8, "lm_loss": 3.1}
+    _write(r, "kd_ablation", {"student": "c", "tokens_per_trial": 8192, "parent": {"next_token_acc": 0.5},
+                              "best": "fkl",
+                              "table": [dict(ev(2.367, 0.45), loss="lm", vs_best=gaps(0.048, 0.03, -0.01, 0.004)),
+                                        dict(ev(2.319, 0.46), loss="fkl", vs_best=gaps(0.0, 0.0, 0.0, 0.0)),
+                                        dict(ev(2.331, 0.455), loss="cosine,fkl",
+                                             vs_best=gaps(0.012, 0.01, -0.005, 0.004))]})
+    _write(r, "ffn_fusion", {"child": "c", "depth_before": 8, "depth_after": 6, "levels": [
+        dict(ev(0.2, 0.45), merges=0, fused_blocks=0, num_layers=6, depth=8, max_dependency=0.0,
+             vs_unfused=gaps(0.0, 0.0, 0.0, 0.0)),
+        dict(ev(0.3, 0.43), merges=2, fused_blocks=3, num_layers=4, depth=6, max_dependency=0.2,
+             vs_unfused=gaps(0.1, 0.01, -0.02, 0.015))]})
+    text = render(r)
+    assert "| greedy per-layer | 1.52 | 1.6 | - | - | 90,000,000 | 0.5 ± 0.012 | 0.4 ± 0.011 | 0.7 |" in text
+    assert "| lm | 2.37 ± 0.051 | 0.45 ± 0.012 | 0.9 | 0.8 | 3.1 | +0.048 ± 0.03 | -0.01 ± 0.004 | acc |" in text
+    assert "| fkl | 2.32 ± 0.051 | 0.46 ± 0.012 | 0.92 | 0.8 | 3.1 | - | - | best |" in text
+    assert ("| cosine,fkl | 2.33 ± 0.051 | 0.455 ± 0.012 | 0.91 | 0.8 | 3.1 | +0.012 ± 0.01 | -0.005 ± 0.004 | no |"
+            in text)  # inside the noise: no finding
+    assert "| 0 | 0 | 6 | 8 | 0 | 0.2 ± 0.051 | 0.45 ± 0.012 | - | - | unfused |" in text
+    assert "| 2 | 3 | 4 | 6 | 0.2 | 0.3 ± 0.051 | 0.43 ± 0.012 | +0.1 ± 0.01 | -0.02 ± 0.015 | KL |" in text
 
 
 def test_report_rlhf_tables(tmp_path):
@@ -92,3 +124,34 @@ def test_report_rlhf_tables(tmp_path):
 def test_report_missing_run_dir(tmp_path):
     with pytest.raises(SystemExit, match="run the stages first"):
         main(["--run-dir", str(tmp_path / "nope")])
+
+
+def test_report_mip_cost_model_gaps_to_mip_and_fusion_after_kd(tmp_path):
+    r = str(tmp_path)
+    row = {"method": "MIP (KL score)", "measured_speedup": 1.52, "measured_speedup_min": 1.49,
+           "measured_speedup_max": 1.55, "predicted_speedup": 1.5, "prediction_error": 0.0133,
+           "fraction_of_ceiling": 0.3, "params": 90_000_000, "kl": 0.31, "next_token_acc": 0.40, "top1_agreement": 0.7}
+    greedy = dict(row, method="greedy per-layer", kl=0.5, vs_mip={"kl_parent": 0.19, "kl_parent_se": 0.02,
+                  "kl_parent_beyond_2se": True, "next_token_acc": -0.01, "next_token_acc_se": 0.01,
+                  "next_token_acc_beyond_2se": False})
+    check = [dict(row, method="parent", measured_speedup=1.0, predicted_speedup=1.0, prediction_error=0.0),
+             dict(row, method="random child 1", prediction_error=-0.05)]
+    _write(r, "mip", {"predicted_speedup": 1.5, "measured_speedup": 1.52, "next_token_acc_retention": 0.9,
+                      "ceiling_speedup": 5.1, "cost_check_max_abs_error": 0.05, "repeat_agreement": 0.012,
+                      "cost_check": check, "baselines": [row, greedy], "sweep": [row]})
+    after = lambda kl, acc, d: {"kl_parent": kl, "kl_parent_se": 0.01, "next_token_acc": acc,  # noqa: E731
+                                "next_token_acc_se": 0.01, "per_seq": {"kl_parent": [kl + d, kl - d, kl],
+                                                                       "next_token_acc": [acc, acc + d, acc - d]}}
+    for name, student, kl, acc, sp in (("distill", "fused", 0.3, 0.37, 1.7), ("distill_unfused", "child", 0.28,
+                                                                                0.38, 1.5)):
+        _write(r, name, {"student": student, "loss": "cosine,fkl", "tokens": 24576, "before": after(0.9, 0.3, 0.0),
+                         "after": after(kl, acc, 0.01), "retention": {"after": acc / 0.4},
+                         "speed": {"ratio": {"decode_tok_s_bs1": sp}}})
+    text = render(r)
+    assert "predicted within 5.0% of their measured speed" in text and "agrees within 1.2%" in text
+    assert "| MIP (KL score) | 1.52 (1.49-1.55) | 1.5 | +1.3% | 0.3 |" in text
+    assert "| +0.19 ± 0.02 | -0.01 ± 0.01 | KL |" in text  # the greedy row's paired gap to the MIP child
+    assert "| random child 1 | 1.52 (1.49-1.55) | 1.5 | -5.0% |" in text
+    assert "## 03 + 04 FFN Fusion after the same KD budget" in text
+    assert "| fused child | fused | 24,576 | 0.3 ± 0.01 | 0.37 ± 0.01 | 0.925 | 1.7 |" in text
+    assert "fused − unfused KL: +0.02 ± 0 (paired over 3 chunks; beyond 2 SE)" in text
