@@ -3,7 +3,8 @@ the chosen child assembled from the block library, and the baselines measured in
 
 Costs per (layer, variant): parameters; memory = weights + KV cache for a serving scenario (batch, prefill
 length, generation length, KV dtype); runtime measured here for that scenario inside the full model (common/costs.py):
-the variant swapped into the parent's layers, timed paired with the parent, (median difference) / layers, no_op = 0,
+the variant swapped into all but one of the parent's layers, timed paired with the parent, (median difference) /
+layers, no_op = 0,
 never clipped; plus the ceiling, the parent with every block removed. Cached per device, threads, scenario, dtype and
 parent architecture in runs/<name>/costs/ (on CUDA when there is one). Before the search, the cost model predicts the
 parent and --cost-check random children, which are timed to show its error. Every assembled child is timed paired with
@@ -13,7 +14,7 @@ The MIP picks exactly one block (attention, FFN pair) per layer minimizing the s
 (KL by default) under any of: max parameters, max memory, min throughput speedup, max latency.
 
     python 02_mip_select.py --library runs/smol/library --out runs/smol/child --min-speedup 1.5 \
-        --sweep 1.25,1.5,2,2.5,3                    # CPU, ~15 min with baselines (~5 of them costs, then cached)
+        --sweep 1.25,2,2.5,3                        # CPU, ~5 min with baselines (~1 of it costs, then cached)
     python 02_mip_select.py --library ... --out ... --max-memory-gib 0.5 --kv-tokens 300000 --kv-dtype fp8
     python 02_mip_select.py --library /tmp/tiny/library --out /tmp/tiny/child --max-params 0.9 --batch 2 \
         --prefill 16 --gen-len 4 --eval-seqs 2 --no-baselines                # tiny smoke run
@@ -68,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--speed-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="dtype the runtimes are measured in (auto: bf16 where it is fast)")
     p.add_argument("--cost-layers", type=off_or(positive_int), default=-1,
-                   help="layers each variant is swapped into for its runtime (-1 = all)")
+                   help="layers each variant is swapped into for its runtime (-1 = all but one)")
     p.add_argument("--cost-repeats", type=positive_int, default=5, help="paired rounds per block cost (median)")
     p.add_argument("--cost-decode-steps", type=positive_int, default=8, help="decode steps timed per block-cost run")
     p.add_argument("--cost-check", type=nonneg_int, default=3,
@@ -119,6 +120,28 @@ def block_costs(cost, blocks):
 def blocks_of(choice):
     """[(layer, attention, ffn)] of a choice {(layer, subblock): name}."""
     return [(l, choice[(l, "attention")], choice[(l, "ffn")]) for l in sorted({l for l, _ in choice})]
+
+
+def greedy_blocks(score_of, rt_of, budget):
+    """The paper's greedy ablation: each layer alone picks its best block within an equal share of the runtime
+    budget, then what the shares left is spent on the upgrade with the most score saved per second, while one fits.
+    Both `score_of` and `rt_of` are per block {(layer, attention, ffn): value}. Returns a choice like solve_mip's."""
+    L = max(b[0] for b in score_of) + 1
+    per_layer = [[b for b in score_of if b[0] == l] for l in range(L)]
+    pick = []
+    for bs in per_layer:
+        ok = [b for b in bs if rt_of[b] <= budget / L] or [min(bs, key=lambda b: rt_of[b])]
+        pick.append(min(ok, key=lambda b: score_of[b]))
+    while True:
+        left = budget - sum(rt_of[b] for b in pick)
+        ups = [((score_of[pick[b[0]]] - score_of[b]) / max(rt_of[b] - rt_of[pick[b[0]]], 1e-12), b)
+               for bs in per_layer for b in bs
+               if score_of[b] < score_of[pick[b[0]]] and rt_of[b] - rt_of[pick[b[0]]] <= left]
+        if not ups:
+            break
+        _, b = max(ups)
+        pick[b[0]] = b
+    return {**{(l, "attention"): a for l, a, _ in pick}, **{(l, "ffn"): f for l, _, f in pick}}
 
 
 def solve_mip(score_of, constraints, time_limit, exclude=(), min_hamming=0):
@@ -197,7 +220,8 @@ def main(argv=None):
     if args.cost_layers > L:
         die(f"--cost-layers {args.cost_layers}: the parent has only {L} layers")
     parent_fast = copy.deepcopy(parent).to(speed_dtype)  # every runtime is measured in the speed dtype
-    scenario = f"b{args.batch}-p{args.prefill}-g{args.gen_len}"
+    k = max(1, L - 1) if args.cost_layers < 0 else args.cost_layers  # layers each variant is timed in
+    scenario = f"b{args.batch}-p{args.prefill}-g{args.gen_len}-k{k}"
     cost_id = cost_key(args.threads, scenario, speed_dtype, config, space)  # device, ..., parent architecture
     cost_path = cost_cache_path(run_dir, cost_id)
     try:
@@ -207,7 +231,6 @@ def main(argv=None):
     if costs is not None:
         print0(f"runtime costs from cache {cost_path}")
     else:
-        k = L if args.cost_layers < 0 else args.cost_layers
         print0(f"measuring block runtimes in the full model, scenario {scenario} {cost_id['dtype']} (each variant in "
                f"{k} of {L} layers, {args.cost_repeats} paired rounds)")
         costs = {"key": cost_id, **measure_block_runtimes(parent_fast, space, args.batch, args.prefill, args.gen_len,
@@ -362,13 +385,7 @@ def main(argv=None):
         ch, _ = solve_mip(score_table(other), {"runtime": (runtime, nonblock_rt, target_rt)}, args.time_limit)
         if ch:
             baselines.append(measure(ch, label=f"MIP ({'LM-loss' if other == 'lm_loss' else 'KL'} score)")[0])
-        greedy = {}  # the paper's greedy ablation: each layer alone picks its best pair within an equal share
-        for l in range(L):
-            pairs = [(score_of[(l, a, f)], runtime[(l, "attention", a)] + runtime[(l, "ffn", f)], a, f)
-                     for a in names["attention"] for f in names["ffn"]]
-            ok = [p for p in pairs if p[1] <= block_budget / L] or [min(pairs, key=lambda p: p[1])]
-            _, _, a, f = min(ok)
-            greedy[(l, "attention")], greedy[(l, "ffn")] = a, f
+        greedy = greedy_blocks(score_of, block_costs(runtime, blocks), block_budget)
         baselines.append(measure(greedy, label="greedy per-layer")[0])
         if "no_op" in names["attention"] and "no_op" in names["ffn"]:
             bi = block_influence(parent, tokenizer, args.eval_seqs, args.eval_seq_len)  # ShortGPT's layer ranking
@@ -482,8 +499,9 @@ def plot_pareto(sweep, baselines, cost_check, path):
                 label="MIP sweep (measured)")
     ax.plot([r["predicted_speedup"] for r in sw], [r["kl"] for r in sw], "x", color="gray",
             label="MIP sweep (predicted speed)")
-    for b in baselines[1:]:
-        ax.errorbar([b["measured_speedup"]], [b["kl"]], xerr=spread([b]), fmt="s", capsize=3, label=b["method"])
+    for i, b in enumerate(baselines):  # baselines[0]: the MIP child itself
+        ax.errorbar([b["measured_speedup"]], [b["kl"]], xerr=spread([b]), fmt="*" if i == 0 else "s", capsize=3,
+                    markersize=10 if i == 0 else 6, label=b["method"])
     ax.set_xlabel("measured throughput speedup over the parent")
     ax.set_ylabel("KL(parent || child), held-out")
     ax.set_yscale("symlog", linthresh=0.01)

@@ -30,7 +30,7 @@ from common.cli import (float_list, fraction, int_list, nonneg_float, nonneg_int
                         positive_int, prob)
 from common.data import IGNORE, collate, pack_examples, tokenize_sft_example
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, shard_list, wrap_ddp
-from common.evaluate import generation_eval
+from common.evaluate import generation_eval, toggle_eval
 from common.gen_cache import GenCache, GenCacheError
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
@@ -69,6 +69,8 @@ p.add_argument("--resume", action="store_true", help="continue from the last sta
 # evaluation
 p.add_argument("--eval-problems", type=nonneg_int, default=64, help="held-out problems per mode (0 = skip)")
 p.add_argument("--eval-max-new-tokens", type=positive_int, default=320, help="room for the longest worked solutions")
+p.add_argument("--toggle-problems", type=nonneg_int, default=100,
+               help="held-out problems for the toggle check after SFT: think-block rate on / off (0 = skip)")
 p.add_argument("--run-dir", default=None, help="where metrics/sft.json goes (default: the parent of --out)")
 p.add_argument("--metrics-name", default="sft", help="metrics/<name>.json, e.g. sft_parent for SFT from the parent")
 p.add_argument("--no-gen-cache", action="store_true", help="decode every evaluation answer again instead of reusing "
@@ -252,6 +254,12 @@ try:
 except NonFiniteError as e:
     sys.exit(f"error: {e}")
 after = eval_both_modes(raw_model, "after SFT") if rank == 0 else {}
+toggle = {}  # the toggle where it decides (first tokens), on more problems than the full-answer evaluation
+if rank == 0 and args.toggle_problems:
+    raw_model.eval()
+    with autocast_ctx(device):
+        toggle = toggle_eval(raw_model, tokenizer, eval_problems(args.toggle_problems, seed=4321), cache=gen_cache,
+                             desc="after SFT: toggle")
 parent_res = {}  # the table's reference row: the parent on the same problems (when SFT did not start from it)
 if rank == 0 and problems and parent_path and os.path.abspath(parent_path) != os.path.abspath(args.init):
     parent_res = eval_both_modes(load_checkpoint(parent_path, dtype=torch.float32, device=device,
@@ -263,6 +271,7 @@ if rank == 0:
         for mode, r in res.items():
             for k in ("accuracy", "accuracy_multistep", "format_compliance", "mean_response_tokens"):
                 metrics[f"{when}_{mode}_{k}"] = r.get(k)
+    metrics["toggle"] = toggle
     for mode, r in after.items():
         table = wandb_run.Table(columns=["mode", "prompt", "response", "correct"]) if hasattr(wandb_run, "Table") else None
         if table is not None:
@@ -278,6 +287,9 @@ if rank == 0:
         for k in ("accuracy", "accuracy_multistep", "format_compliance", "mean_response_tokens"):
             vals = [metrics.get(f"{w}_{mode}_{k}") for w in ("parent", "before", "after")]
             print0(f"| {mode} | {k} | " + " | ".join(f"{'-' if v is None else round(v, 3):>8}" for v in vals) + " |")
+    if toggle:
+        print0(f"toggle ({toggle['n']} problems, first {toggle['max_new_tokens']} tokens): opens a think block "
+               f"{toggle['think_rate_on']:.2f} with on, {toggle['think_rate_off']:.2f} with off")
     print0(f"checkpoint: {args.out}; metrics: {metrics_path}")
 wandb_run.finish()
 compute_cleanup()

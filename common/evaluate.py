@@ -176,6 +176,23 @@ def problem_text(p: dict) -> str:
     raise ValueError(f"problem {p.get('id', '?')} has none of input / prompt / question")
 
 
+def toggle_eval(model, tokenizer, problems: list[dict], max_new_tokens: int = 16, batch_size: int = 32,
+                cache: GenCache | None = None, desc: str = "toggle") -> dict:
+    """The reasoning toggle where it decides, at the first tokens: the share of greedy answers that open with a
+    think block under "detailed thinking on" and under "off", on the same problems, each with its standard error.
+    Only `max_new_tokens` are generated, so 100+ problems cost about one long-answer batch."""
+    from common.data import build_messages, render_prompt
+    from common.rewards import THINK_OPEN
+
+    out = {"n": len(problems), "max_new_tokens": max_new_tokens}
+    for mode in ("on", "off"):
+        prompts = [render_prompt(tokenizer, build_messages(problem_text(p), mode == "on")) for p in problems]
+        texts = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, cache, f"{desc}, thinking {mode}")
+        out[f"think_rate_{mode}"], out[f"think_rate_{mode}_se"] = mean_se(
+            [float(t.lstrip().startswith(THINK_OPEN)) for t, _ in texts])
+    return out
+
+
 def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max_new_tokens: int = 256,
                     batch_size: int = 16, num_samples: int = 3, desc: str | None = None,
                     cache: GenCache | None = None) -> dict:

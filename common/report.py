@@ -223,7 +223,13 @@ def _sft(m, _):
                              _acc(m[f"{who}_{mode}_accuracy"], m.get("eval_problems")),
                              *[m.get(f"{who}_{mode}_{k}") for k in ("accuracy_multistep", "format_compliance",
                                                                    "mean_response_tokens")]))
-    return lines + _table(["mode", "model", "accuracy", "multi-step acc", "format", "mean tokens"], rows)
+    lines += _table(["mode", "model", "accuracy", "multi-step acc", "format", "mean tokens"], rows)
+    t = m.get("toggle") or {}
+    if t.get("n"):
+        lines += [f"The toggle after SFT (first {t['max_new_tokens']} tokens, {t['n']} held-out problems): opens a "
+                  f"think block {_acc(t['think_rate_on'], se=t['think_rate_on_se'])} with \"on\", "
+                  f"{_acc(t['think_rate_off'], se=t['think_rate_off_se'])} with \"off\" (target >= 0.95 / <= 0.05).", ""]
+    return lines
 
 
 def _grpo(m, name):

@@ -172,3 +172,15 @@ def test_cli_writes_metrics_for_a_child_against_its_parent(tmp_path):
     assert m["stage"] == "child" and m["dtype"] in ("float32", "bfloat16")
     assert m["text"]["kl_parent"] > 0 and 0 < m["text"]["top1_agreement"] < 1
     assert set(m["retention"]) >= {"next_token_acc", "gen_on_accuracy"} and "speed" not in m
+
+
+def test_toggle_eval_counts_think_blocks_opened_per_mode(monkeypatch):
+    import common.evaluate as ev
+
+    def fake(model, tok, prompts, max_new_tokens, batch_size, cache, desc):  # thinks only when told "on"
+        return [("<think>\nLet me", []) if "detailed thinking on" in p else (" The answer is 4.", []) for p in prompts]
+
+    monkeypatch.setattr(ev, "greedy_generate", fake)
+    problems = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(5)]
+    r = ev.toggle_eval(None, tiny_tokenizer(), problems)
+    assert (r["n"], r["think_rate_on"], r["think_rate_off"], r["think_rate_on_se"]) == (5, 1.0, 0.0, 0.0)

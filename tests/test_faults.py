@@ -226,7 +226,8 @@ KD = ["--student", "{d}/child", "--data", "{d}/text.txt", "--seq-len", "16", "--
       "--wandb-mode", "disabled"]
 KD_CASE = KD + ["--out", "{d}/kd"]
 SFT = ["--init", "{d}/parent", "--data", "{d}/data", "--seq-len", "128", "--batch-size", "2", "--grad-accum", "1",
-       "--max-steps", "2,2,2", "--eval-problems", "0", "--save-every", "-1", "--wandb-mode", "disabled"]
+       "--max-steps", "2,2,2", "--eval-problems", "0", "--toggle-problems", "0", "--save-every", "-1",
+       "--wandb-mode", "disabled"]
 SFT_CASE = SFT + ["--out", "{d}/sft"]
 GRPO = ["--policy", "{d}/parent", "--data", "{d}/data", "--num-prompts", "4", "--filter-samples", "2",
         "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6", "--max-new-tokens-off", "4",

@@ -75,6 +75,25 @@ def test_mip_removes_whole_layers_when_the_block_score_says_so():
     assert mip.blocks_of(choice) == [(0, "attn", "ffn"), (1, "no_op", "no_op")]
 
 
+def test_greedy_spends_the_budget_the_equal_shares_leave():
+    """Greedy per layer, then upgrades by score saved per second while one fits: it ends within the budget and
+    no single remaining upgrade fits (it does not stop far below the target like equal shares alone)."""
+    rng = random.Random(1)
+    L, names = 4, {"attention": ["a0", "a1", "no_op"], "ffn": ["f0", "f1", "no_op"]}
+    blocks = [(l, a, f) for l in range(L) for a in names["attention"] for f in names["ffn"]]
+    rt = {b: (b[1] != "no_op") * (2.0 if b[1] == "a0" else 1.0) + (b[2] != "no_op") * (1.5 if b[2] == "f0" else 0.7)
+          for b in blocks}
+    score = {b: (0.0 if b[1:] == ("a0", "f0") else rng.uniform(0.1, 1.0) * (4.0 - rt[b])) for b in blocks}
+    budget = 9.0
+    choice = mip.greedy_blocks(score, rt, budget)
+    pick = mip.blocks_of(choice)
+    used = sum(rt[b] for b in pick)
+    assert used <= budget + 1e-9
+    left = budget - used
+    assert not any(score[b] < score[pick[b[0]]] and rt[b] - rt[pick[b[0]]] <= left for b in blocks)
+    assert used > budget - 2.0  # the shares alone (9/4 per layer) would leave more unspent
+
+
 def test_infeasible_constraints_name_the_binding_one(lib, monkeypatch, tmp_path):
     # noiseless timings: on a shared CPU a tiny model's measured costs can be negative (never clipped), and then
     # any speedup looks feasible; their cost cache goes to tmp_path, away from the other tests' run directory

@@ -19,7 +19,8 @@ def run_sft(tmp_path, *extra):
                     "--eval-math", "10", "--eval-instructions", "5"])
     cmd = [sys.executable, os.path.join(ROOT, "05_sft.py"), "--init", str(init), "--data", str(tmp_path / "data"),
            "--out", str(tmp_path / "sft"), "--seq-len", "128", "--batch-size", "2", "--grad-accum", "1",
-           "--epochs", "2,1,1", "--lr", "3e-3,1e-3,1e-3", "--eval-problems", "0", "--wandb-mode", "disabled", *extra]
+           "--epochs", "2,1,1", "--lr", "3e-3,1e-3,1e-3", "--eval-problems", "0", "--toggle-problems", "6",
+           "--wandb-mode", "disabled", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
 
@@ -34,7 +35,9 @@ def test_sft_curriculum_lowers_the_loss_and_saves(tmp_path):
     assert last < 0.8 * first, (first, last)
     model, tok = load_checkpoint(str(tmp_path / "sft"))
     assert model.config.model_type == "nemotron-nas"
-    assert json.load(open(tmp_path / "metrics" / "sft.json"))["train_tokens"] > 0
+    metrics = json.load(open(tmp_path / "metrics" / "sft.json"))
+    assert metrics["train_tokens"] > 0
+    assert metrics["toggle"]["n"] == 6 and 0 <= metrics["toggle"]["think_rate_off"] <= 1
     again = run_sft(tmp_path)  # a finished --out is never overwritten
     assert again.returncode != 0 and "already a finished checkpoint" in again.stderr
 
