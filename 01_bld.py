@@ -233,7 +233,7 @@ def replace_one_block_scores(parent, held, pairs, states, batch_size, autocast):
     Puzzle scores the block. The parent's activations up to each layer are computed once: a block at layer l
     runs layers l..L-1 only (on average half a forward)."""
     model, L = parent, parent.config.num_hidden_layers
-    cache = []  # per batch: (ids, layer inputs [L+1], rope, parent log-probs)
+    cache = []  # per batch: ids, layer inputs [L+1], rope, the parent's probabilities, sum p log p, its top-1
     with autocast():
         for i in range(0, len(held), batch_size):
             ids = held[i:i + batch_size]
@@ -241,23 +241,29 @@ def replace_one_block_scores(parent, held, pairs, states, batch_size, autocast):
             hs = [x]
             for layer in model.model.layers:
                 hs.append(layer(hs[-1], rope))
-            cache.append((ids, hs, rope, F.log_softmax(model.lm_head(model.model.norm(hs[-1])).float(), -1)))
+            plogp = F.log_softmax(model.lm_head(model.model.norm(hs[-1])).float(), -1)
+            p = plogp.exp()
+            cache.append((ids, hs, rope, p, (p * plogp).sum(-1), plogp.argmax(-1)))
 
     def metrics_from(l):
+        """KL(p||q) = sum p log p - (sum p z - logsumexp z) for the child's logits z: two passes over the vocab."""
         tot = {"kl": 0.0, "lm_loss": 0.0, "next_token_acc": 0.0, "top1_agreement": 0.0}
         n = 0
-        for ids, hs, rope, plogp in cache:
+        for ids, hs, rope, p, neg_ent, ptop in cache:
             with autocast():
                 x = hs[l]
                 for layer in model.model.layers[l:]:
                     x = layer(x, rope)
-                logp = F.log_softmax(model.lm_head(model.model.norm(x)).float(), -1)
+                z = model.lm_head(model.model.norm(x)).float()
+            lse = torch.logsumexp(z, -1)
+            top = z.argmax(-1)
             tok = ids.numel()
-            tot["kl"] += (plogp.exp() * (plogp - logp)).sum(-1).sum().item()
-            tot["top1_agreement"] += (logp.argmax(-1) == plogp.argmax(-1)).sum().item()
-            nxt, pred = ids[:, 1:], logp[:, :-1]
-            tot["lm_loss"] += -pred.gather(-1, nxt[..., None]).sum().item() * tok / nxt.numel()
-            tot["next_token_acc"] += (pred.argmax(-1) == nxt).float().sum().item() * tok / nxt.numel()
+            tot["kl"] += (neg_ent - (p * z).sum(-1) + lse).sum().item()
+            tot["top1_agreement"] += (top == ptop).sum().item()
+            nxt = ids[:, 1:]
+            nll = lse[:, :-1] - z[:, :-1].gather(-1, nxt[..., None])[..., 0]
+            tot["lm_loss"] += nll.sum().item() * tok / nxt.numel()
+            tot["next_token_acc"] += (top[:, :-1] == nxt).float().sum().item() * tok / nxt.numel()
             n += tok
         return {k: v / n for k, v in tot.items()}
 

@@ -28,7 +28,7 @@ from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoi
 from common.checkpoint import write_metrics
 from common.cli import (float_list, fraction, int_list, nonneg_float, nonneg_int, off_or, positive_float,
                         positive_int, prob)
-from common.data import IGNORE, collate, pack_examples, tokenize_sft_example
+from common.data import IGNORE, collate, first_answer_token_weights, pack_examples, tokenize_sft_example
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, shard_list, wrap_ddp
 from common.evaluate import generation_eval, toggle_eval
 from common.gen_cache import GenCache, GenCacheError
@@ -69,6 +69,9 @@ p.add_argument("--resume", action="store_true", help="continue from the last sta
 # evaluation
 p.add_argument("--eval-problems", type=nonneg_int, default=64, help="held-out problems per mode (0 = skip)")
 p.add_argument("--eval-max-new-tokens", type=positive_int, default=320, help="room for the longest worked solutions")
+p.add_argument("--toggle-weight", type=positive_float, default=20.0,
+               help="loss weight of each answer's first token, where the toggle decides whether a think block opens "
+                    "(1 = plain token-level cross entropy, as in the paper; 20 made the toggle hold on every run here)")
 p.add_argument("--toggle-problems", type=nonneg_int, default=100,
                help="held-out problems for the toggle check after SFT: think-block rate on / off (0 = skip)")
 p.add_argument("--run-dir", default=None, help="where metrics/sft.json goes (default: the parent of --out)")
@@ -187,6 +190,8 @@ before = eval_both_modes(model, "before SFT") if rank == 0 and not args.resume e
 # ----------------------------------------------------------------------------
 # Training loop over the curriculum
 
+
+
 raw_model = model
 model = wrap_ddp(model, device) if ddp else model
 optimizer = make_adamw(raw_model.named_parameters(), lrs[0], betas=(0.9, 0.95), weight_decay=args.weight_decay)
@@ -218,7 +223,8 @@ for s in range(start["stage"], 3):
                 with autocast_ctx(device):
                     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False,
-                                return_logits=False)
+                                return_logits=False,
+                                loss_weights=first_answer_token_weights(batch["labels"], args.toggle_weight))
                 (out.loss / args.grad_accum).backward()
                 loss_sum += out.loss.item() / args.grad_accum
                 tokens_seen += int((batch["seq_ids"] >= 0).sum())

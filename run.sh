@@ -24,8 +24,8 @@ stage() {
   $PY -c "import json,os,sys; p='$R/metrics/timings.json'; t=json.load(open(p)) if os.path.exists(p) else {}; t['$label']=$((SECONDS - t0)); json.dump(t, open(p,'w'), indent=1)"
 }
 
-# Budgets below are sized for a 2-core CPU (float32: this CPU has no fast bf16); the README's stage table lists
-# what each took. The serving scenario of the search: batch 8, prompt 128, generate 64 (a small batched chat
+# Budgets below are sized for a 2-core CPU (--dtype auto: bf16 where the CPU has avx512_bf16, else float32); the
+# README's stage table lists what each took. The serving scenario of the search: batch 8, prompt 128, generate 64 (a small batched chat
 # server; long enough that decode dominates, short enough that the LM head does not swamp the blocks).
 stage parent        "$R/parent/COMPLETED"          $PY -m common.parent --out "$R/parent"
 stage eval_parent   "$R/metrics/parent.json"       $PY -m common.evaluate --model "$R/parent" --parent "$R/parent" --stage parent --run-dir "$R"
@@ -47,7 +47,8 @@ stage kd_unfused    "$R/distilled_unfused/COMPLETED" $PY 04_distill.py --student
                       --tokens 24576 --metrics-name distill_unfused --speed-new-tokens 16
 stage kd_ablation   "$R/metrics/kd_ablation.json"  $PY 04_distill.py --student "$R/child" --out "$R/kd_ablation" \
                       --loss-ablation "lm;fkl;cosine;cosine,fkl;cosine,fkl,lm" --tokens 8192 --metrics-name kd_ablation
-# 05: SFT with the reasoning toggle on the main line (parent -> child -> fused -> distilled -> sft)
+# 05: SFT with the reasoning toggle on the main line (parent -> child -> fused -> distilled -> sft); 05's default
+# --toggle-weight 20 on each answer's first token keeps "off" from opening a think block (plain CE: 48 % did)
 stage sft           "$R/sft/COMPLETED"             $PY 05_sft.py --init "$R/distilled" --data "$D" --out "$R/sft" \
                       --max-steps 12,36,12 --lr 3e-4,2e-4,1e-4 --seq-len 512 --grad-accum 1 --eval-problems 32
 # ... and LN-Nano's path, SFT from the parent directly (same data, budget and problems)

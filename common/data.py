@@ -66,6 +66,17 @@ def tokenize_sft_example(tokenizer, record: dict, max_len: int) -> dict:
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 
 
+def first_answer_token_weights(labels: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """Loss weights for an SFT batch: `weight` on each answer's first token (a labelled token after an unlabelled
+    one; in a packed row every example's answer follows its own prompt), 1 elsewhere; None when weight is 1. That
+    token is where "detailed thinking on/off" decides whether a think block opens; in a plain mean it is one of
+    ~100-200 answer tokens of its example."""
+    if weight == 1.0:
+        return None
+    first = (labels != IGNORE) & (torch.roll(labels, 1, dims=-1) == IGNORE)
+    return 1.0 + (weight - 1.0) * first.float()
+
+
 def pack_examples(examples: list[dict], seq_len: int, pad_id: int = 0) -> list[dict]:
     """Greedy packing in order: examples go into the current row until the next one does not fit.
 

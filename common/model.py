@@ -420,15 +420,18 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                output_hidden_states=None, return_logits=True, **kwargs):
+                output_hidden_states=None, return_logits=True, loss_weights=None, **kwargs):
         """return_logits=False (training with labels): the LM head runs only where a label is set, e.g. on the
-        assistant tokens of an SFT batch, and logits come back None."""
+        assistant tokens of an SFT batch, and logits come back None. `loss_weights` (same shape as labels, that
+        path only): the loss is the weighted mean of the token losses, sum(w * ce) / sum(w)."""
         h, cache, hidden_states = self.model(input_ids, attention_mask, position_ids, past_key_values,
                                              inputs_embeds, use_cache, output_hidden_states)
         if labels is not None and not return_logits:
             target = labels[:, 1:]
             keep = target != -100
-            loss = F.cross_entropy(self.lm_head(h[:, :-1][keep]).float(), target[keep])
+            ce = F.cross_entropy(self.lm_head(h[:, :-1][keep]).float(), target[keep], reduction="none")
+            w = None if loss_weights is None else loss_weights[:, 1:][keep].float()
+            loss = ce.mean() if w is None else (w * ce).sum() / w.sum()
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=cache if use_cache else None,
                                           hidden_states=hidden_states)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:

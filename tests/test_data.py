@@ -183,3 +183,28 @@ def test_instruction_following_score_is_a_fraction_and_ignores_the_think_block()
     assert instruction_following_score("Hello world", cons) == 0.5
     with pytest.raises(ValueError, match="unknown constraint"):
         instruction_following_score("x", [{"type": "rhyme"}])
+
+
+def test_first_answer_token_weights_mark_each_examples_decision_token():
+    """The toggle's decision token of every packed example (its answer's first token) gets the weight; the
+    model's loss with those weights is the weighted mean of the token losses."""
+    import torch.nn.functional as F
+    from conftest import tiny_model
+
+    from common.data import IGNORE, first_answer_token_weights, pack_examples
+
+    exs = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE, IGNORE, 7, 8, 9]},
+           {"input_ids": [10, 11, 12, 13], "labels": [IGNORE, 11, 12, IGNORE]}]
+    row = pack_examples(exs, 12)[0]
+    labels = torch.tensor([row["labels"]])
+    w = first_answer_token_weights(labels, 5.0)
+    assert w[0].tolist() == [1, 1, 5, 1, 1, 1, 5, 1, 1, 1, 1, 1]
+    assert first_answer_token_weights(labels, 1.0) is None
+    model, ids = tiny_model(), torch.tensor([row["input_ids"]])
+    with torch.no_grad():
+        out = model(ids, labels=labels, return_logits=False, loss_weights=w)
+        logits = model(ids).logits[0, :-1].float()
+    tgt, keep = labels[0, 1:], labels[0, 1:] != IGNORE
+    ce = F.cross_entropy(logits[keep], tgt[keep], reduction="none")
+    ww = w[0, 1:][keep]
+    assert out.loss.item() == pytest.approx(((ww * ce).sum() / ww.sum()).item(), rel=1e-4)
