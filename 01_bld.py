@@ -39,9 +39,8 @@ from common.losses import normalized_mse
 from common.model import ffn_mult_to_intermediate_size
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
-from common.puzzle import (SUBBLOCKS, Subblock, attention_variants, ffn_variants, load_variant_state,
-                           pair_key, parent_subblock_state, set_subblock, subblock_params, variant_key,
-                           variant_path)
+from common.puzzle import (SUBBLOCKS, Subblock, attention_variants, ffn_variants, pair_key, parent_subblock_state,
+                           set_subblock, subblock_params, variant_key, variant_path)
 
 # ----------------------------------------------------------------------------
 # Arguments
@@ -81,7 +80,8 @@ def parse_args(argv=None):
                    "--lr, --dtype, --save-every and the scoring sizes may change)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     # replace-one-block scoring
-    p.add_argument("--score-seqs", type=positive_int, default=8, help="scoring sequences for the replace-one-block scores (one per document first)")
+    p.add_argument("--score-seqs", type=positive_int, default=8,
+                   help="scoring sequences for the block scores (one per document first; time ~ blocks x tokens)")
     p.add_argument("--score-seq-len", type=positive_int, default=128)
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     p.add_argument("--run-dir", default=None, help="where metrics/ goes (default: parent of --out)")
@@ -229,7 +229,7 @@ def bld_step(parent, ids, jobs_at, modules, autocast, train=True):
 def replace_one_block_scores(parent, held, pairs, states, batch_size, autocast):
     """{pair_key: {kl, lm_loss, next_token_acc, top1_agreement}} for every block in `pairs` [(layer, attention
     entry, FFN entry)]: the pair replaces its whole layer of the parent, alone. Subblock scores do not add up
-    (on SmolLM2, layer 2's attention-removal KL + FFN-removal KL is 1.40, removing the layer costs 0.97), so
+    (on SmolLM2, layer 2's attention-removal KL + FFN-removal KL is 1.50, removing the layer costs 1.06), so
     Puzzle scores the block. The parent's activations up to each layer are computed once: a block at layer l
     runs layers l..L-1 only (on average half a forward)."""
     model, L = parent, parent.config.num_hidden_layers

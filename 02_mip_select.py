@@ -39,15 +39,18 @@ import torch
 from common.costs import cost_cache_path, cost_key, measure_block_runtimes, paired_speedup, read_cached_costs
 from common.costs import swap_variants
 from common.dist import print0, progress, resolve_dtype
-from common.evaluate import TextEval, paired_gaps
+from common.evaluate import TextEval
+from common.stats import paired_gaps
 from common.tracking import add_wandb_args, init_wandb
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json_atomic
 from common.checkpoint import check_metrics_free, check_out_free, write_metrics
 from common.cli import float_list, nonneg_int, off_or, positive_float, positive_int
+from common.data import spread_chunks
 from common.fp8 import DTYPE_BYTES, kv_bytes_per_token
 from common.model import num_params
 from common.puzzle import (SUBBLOCKS, load_library, load_variant_state, pair_key, set_subblock,
                            variant_config_from_dict)
+from data_gen.text import distill_documents
 
 # ----------------------------------------------------------------------------
 # Arguments
@@ -474,8 +477,6 @@ def main(argv=None):
 def block_influence(parent, tokenizer, num_seqs, seq_len):
     """Per layer mean 1 - cos(h_in, h_out) (ShortGPT's block influence: the layers whose output is most like their
     input go first), on the selection text: disjoint from the evaluation text the baseline is then judged on."""
-    from common.data import spread_chunks
-    from data_gen.text import distill_documents
     ids = spread_chunks(tokenizer, distill_documents("select"), seq_len, num_seqs).to(parent.device)
     hs = parent(ids, output_hidden_states=True, use_cache=False).hidden_states
     return [(1 - torch.nn.functional.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1)).mean().item()

@@ -299,7 +299,8 @@ def main(argv=None):
 
     from common.data import text_chunks
     from common.dist import autocast_ctx, print0, progress, resolve_dtype
-    from common.evaluate import TextEval, paired_gaps, speed_eval
+    from common.evaluate import TextEval, speed_eval
+    from common.stats import gap_label, paired_gaps
     from common.tracking import init_wandb
     from data_gen.text import distill_documents
 
@@ -386,8 +387,7 @@ def main(argv=None):
     for lv in levels:
         mark = " *" if lv["merges"] == n_merges else ""
         g = lv["vs_unfused"] if lv["merges"] else {}
-        gap = "-" if lv["merges"] == 0 else ", ".join(
-            n for k, n in (("kl_parent", "KL"), ("next_token_acc", "acc")) if g[f"{k}_beyond_2se"]) or "no"
+        gap = "-" if lv["merges"] == 0 else gap_label(g)
         print(f"| {lv['fused_blocks']}{mark} | {lv['fused_groups']} | {lv['num_layers']} | {lv['depth']} | "
               f"{lv['max_dependency']:.3f} | {pm(lv, 'kl_parent')} | {pm(lv, 'next_token_acc')} | "
               f"{lv['top1_agreement']:.4f} | {pm(g, 'kl_parent', '+.3g')} | {pm(g, 'next_token_acc', '+.3g')} "

@@ -48,6 +48,7 @@ from common.data import load_text_documents
 from common.losses import cosine_hidden, forward_kl, lm_loss, reverse_kl
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
+from common.stats import gap_label, paired_gaps
 
 LOSSES = ("fkl", "rkl", "cosine", "lm")
 
@@ -372,7 +373,6 @@ def main(argv=None):
             print0(f"ablation {spec}: {table[-1]}")
         best = None
         if rank == 0 and text_eval is not None:  # each row against the lowest-KL row, paired over the same chunks
-            from common.evaluate import paired_gaps
             best = min(table, key=lambda r: r["kl_parent"])
             for r in table:
                 r["vs_best"] = paired_gaps(r, best)
@@ -391,8 +391,7 @@ def main(argv=None):
             for r in table:
                 ret = r.get("next_token_acc", nan) / parent_eval.get("next_token_acc", nan)
                 g = r.get("vs_best", {}) if r is not best else {}
-                gap = "best" if r is best else "-" if not g else ", ".join(
-                    n for k, n in (("kl_parent", "KL"), ("next_token_acc", "acc")) if g[f"{k}_beyond_2se"]) or "no"
+                gap = "best" if r is best else "-" if not g else gap_label(g)
                 print(f"| {r['loss']} | {pm(r, 'kl_parent')} | {pm(r, 'next_token_acc')} | {ret:.3f} "
                       f"| {r.get('top1_agreement', nan):.4f} | {r.get('lm_loss', nan):.4f} "
                       f"| {pm(g, 'kl_parent', '+.3g')} | {pm(g, 'next_token_acc', '+.3g')} | {gap} |")

@@ -31,7 +31,7 @@ from common.cli import (float_list, fraction, int_list, nonneg_float, nonneg_int
 from common.data import IGNORE, collate, first_answer_token_weights, pack_examples, tokenize_sft_example
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, shard_list, wrap_ddp
 from common.evaluate import generation_eval, toggle_eval
-from common.gen_cache import GenCache, GenCacheError
+from common.gen_cache import GenCacheError, add_gen_cache_args, open_gen_cache
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
 from common.tracking import add_wandb_args, init_wandb
@@ -76,8 +76,7 @@ p.add_argument("--toggle-problems", type=nonneg_int, default=100,
                help="held-out problems for the toggle check after SFT: think-block rate on / off (0 = skip)")
 p.add_argument("--run-dir", default=None, help="where metrics/sft.json goes (default: the parent of --out)")
 p.add_argument("--metrics-name", default="sft", help="metrics/<name>.json, e.g. sft_parent for SFT from the parent")
-p.add_argument("--no-gen-cache", action="store_true", help="decode every evaluation answer again instead of reusing "
-               "the greedy answers of the same weights in <run-dir>/gen_cache/ (common.gen_cache)")
+add_gen_cache_args(p)
 add_wandb_args(p)
 args = p.parse_args()
 user_config = vars(args).copy()
@@ -88,7 +87,7 @@ try:  # before any work: --out free, <out>.state/ holds only this run's states, 
                        budget_keys=("epochs", "max_steps", "save_every", "no_gen_cache"))
     check_metrics_free(run_dir, args.metrics_name, args.out)
     init_meta = load_meta(args.init)
-    gen_cache = None if args.no_gen_cache else GenCache(os.path.join(run_dir, "gen_cache"))
+    gen_cache = open_gen_cache(run_dir, args)
 except (CheckpointError, GenCacheError) as e:
     sys.exit(f"error: {e}")
 

@@ -33,13 +33,14 @@ from common.cli import fraction, nonneg_float, nonneg_int, positive_float, posit
 from common.data import build_messages, render_prompt
 from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.evaluate import generation_eval
-from common.gen_cache import GenCache, GenCacheError
+from common.gen_cache import GenCacheError, add_gen_cache_args, open_gen_cache
 from common.generate import load_generator
 from common.losses import LOSS_TYPES
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
 from common.rewards import math_reward
 from common.rl import PolicyLossConfig, Rollout, curriculum_order, pass_rate_filter, sample_by_mode, train_on_rollout
+from common.stats import mean_se
 from common.tracking import DummyWandb, add_wandb_args, init_wandb, wandb_table
 from data_gen.math_problems import eval_problems, rl_problems, semantic_key
 from data_gen.records import problem_records, read_jsonl, write_jsonl
@@ -103,8 +104,7 @@ p.add_argument("--before-from", default=None, help="GRPO checkpoint of the same 
 p.add_argument("--samples-every", type=positive_int, default=4, help="rollout steps between W&B sample tables")
 p.add_argument("--run-dir", default=None, help="where metrics/<name>.json goes (default: the parent of --out)")
 p.add_argument("--metrics-name", default="grpo")
-p.add_argument("--no-gen-cache", action="store_true", help="decode every evaluation answer again instead of reusing "
-               "the greedy answers of the same weights in <run-dir>/gen_cache/ (common.gen_cache)")
+add_gen_cache_args(p)
 add_wandb_args(p)
 args = p.parse_args()
 user_config = vars(args).copy()
@@ -120,7 +120,7 @@ try:
     states = RunStates(args.out, user_config, resume=args.resume, budget_keys=("steps", "save_every", "no_gen_cache"),
                        keep=3)
     check_metrics_free(run_dir, args.metrics_name, args.out)
-    gen_cache = None if args.no_gen_cache else GenCache(os.path.join(run_dir, "gen_cache"))
+    gen_cache = open_gen_cache(run_dir, args)
 except (CheckpointError, GenCacheError) as e:
     sys.exit(f"error: {e}")
 
@@ -383,9 +383,7 @@ if rank == 0:
             a = metrics[f"{when}_{mode}_accuracy"]
             metrics[f"{when}_{mode}_accuracy_se"] = (a * (1 - a) / n_eval) ** 0.5
         d = [int(x) - int(y) for x, y in zip(after[mode]["correct"], before[mode]["correct"])]
-        mean = sum(d) / n_eval
-        metrics[f"gain_{mode}"] = mean
-        metrics[f"gain_{mode}_se"] = (sum((x - mean) ** 2 for x in d) / max(1, n_eval - 1) / n_eval) ** 0.5  # paired
+        metrics[f"gain_{mode}"], metrics[f"gain_{mode}_se"] = mean_se(d)  # paired over the same problems
     save_checkpoint(model, tokenizer, args.out, stage="grpo", args=user_config,
                     meta={"parent": parent_path, "init": args.policy, "metrics": metrics, "history": history})
     write_metrics(run_dir, args.metrics_name, metrics, out=args.out)

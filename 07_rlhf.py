@@ -42,8 +42,9 @@ from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpo
 from common.cli import nonneg_float, nonneg_int, positive_float, positive_int, prob
 from common.data import build_messages, end_of_turn_id, render_prompt
 from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
-from common.evaluate import generation_eval, mean_se
-from common.gen_cache import GenCache, greedy_generate
+from common.evaluate import generation_eval
+from common.stats import mean_se
+from common.gen_cache import add_gen_cache_args, greedy_generate, open_gen_cache
 from common.losses import LOSS_TYPES, RPO_LOSSES, rloo_advantages
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
@@ -131,8 +132,7 @@ p.add_argument("--before-from", default=None, help="an earlier 07 run of the sam
 p.add_argument("--samples-every", type=positive_int, default=4, help="steps between W&B sample tables")
 p.add_argument("--run-dir", default=None, help="where metrics/<name>.json goes (default: the parent of --out)")
 p.add_argument("--metrics-name", default=None, help="default rlhf_<algo> (rpo: rlhf_rpo_<loss>[_online])")
-p.add_argument("--no-gen-cache", action="store_true", help="decode every evaluation answer again instead of reusing "
-               "the greedy answers of the same weights in <run-dir>/gen_cache/ (common.gen_cache)")
+add_gen_cache_args(p)
 add_wandb_args(p)
 args = p.parse_args()
 
@@ -175,7 +175,7 @@ try:  # everything read from disk is checked before the first model loads
     states = RunStates(args.out, user_config, resume=args.resume,
                        budget_keys=("steps", "online", "save_every", "no_gen_cache"), keep=3)
     check_metrics_free(run_dir, args.metrics_name, args.out)
-    gen_cache = None if args.no_gen_cache else GenCache(os.path.join(run_dir, "gen_cache"))
+    gen_cache = open_gen_cache(run_dir, args)
     reused_before = None
     if args.before_from and algo != "reward_model":  # what the earlier run must share with this one
         keys = ("policy", "reward_model", "no_eval_rm", "eval_if", "eval_if_modes", "eval_math", "eval_max_new_tokens",

@@ -23,13 +23,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from common.checkpoint import (CheckpointError, check_checkpoint, check_metrics_free, load_checkpoint, read_json,
                                write_metrics)
 from common.cli import off_or, positive_int
 from common.dist import progress, resolve_dtype, sync
-from common.gen_cache import GenCache, greedy_generate
+from common.gen_cache import GenCache, add_gen_cache_args, greedy_generate, open_gen_cache
+from common.stats import mean_se
 
 # ----------------------------------------------------------------------------
 # Helpers
@@ -132,37 +132,6 @@ class TextEval:
         beside each, <metric>_se: its standard error over the chunks; per_seq: {metric: [one value per chunk]},
         for paired comparisons of two models on the same chunks (paired_diff)."""
         return self._run(model, cache=False)
-
-
-def mean_se(xs: list[float]) -> tuple[float | None, float | None]:
-    """Mean and its standard error, sample std / sqrt(n) (0 for a single value)."""
-    n = len(xs)
-    if n == 0:
-        return None, None
-    m = sum(xs) / n
-    return m, (sum((x - m) ** 2 for x in xs) / max(1, n - 1) / n) ** 0.5
-
-
-def paired_diff(a: dict, b: dict, metric: str) -> tuple[float, float]:
-    """(mean of a - b, paired standard error) over the chunks both TextEval results were measured on.
-
-    Pairing removes the chunk-to-chunk spread both models share, so it is usually much smaller than either
-    model's own SE. It measures the evaluation sample's noise only; a second training seed would add its own.
-    """
-    xa, xb = a["per_seq"][metric], b["per_seq"][metric]
-    if len(xa) != len(xb):
-        raise ValueError(f"paired_diff needs the same evaluation chunks; got {len(xa)} and {len(xb)} values")
-    return mean_se([x - y for x, y in zip(xa, xb)])
-
-
-def paired_gaps(a: dict, b: dict, metrics=("kl_parent", "next_token_acc")) -> dict:
-    """Per metric: a - b, its paired SE (<metric>_se) and whether the gap exceeds 2 paired SE (<metric>_beyond_2se):
-    the rows of an ablation table, each against the reference row."""
-    out = {}
-    for k in metrics:
-        d, se = paired_diff(a, b, k)
-        out |= {k: d, f"{k}_se": se, f"{k}_beyond_2se": abs(d) > 2 * se}
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -466,8 +435,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 on CUDA and bf16-capable CPUs, float32 otherwise")
     p.add_argument("--threads", type=off_or(positive_int), default=-1, help="torch CPU threads (-1: torch's default)")
-    p.add_argument("--no-gen-cache", action="store_true", help="decode every answer again instead of reusing the "
-                   "greedy answers of the same weights in <run-dir>/gen_cache/ (common.gen_cache)")
+    add_gen_cache_args(p)
     # sizes (default: FULL, or QUICK with --quick); -1 keeps the default
     for k, v in FULL.items():
         if not isinstance(v, tuple):
@@ -480,7 +448,7 @@ def main(argv=None):
     for path in (args.model, args.parent):  # everything is checked before the (long) evaluation starts
         check_checkpoint(path)
     check_metrics_free(args.run_dir, args.stage, args.model)
-    gen_cache = None if args.no_gen_cache else GenCache(os.path.join(args.run_dir, "gen_cache"))
+    gen_cache = open_gen_cache(args.run_dir, args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging

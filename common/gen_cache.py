@@ -40,6 +40,17 @@ from common.generate import _eos_ids, generate
 _BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_commit_hash"}
 
 
+def add_gen_cache_args(p) -> None:
+    """--no-gen-cache, for every stage that evaluates by greedy generation."""
+    p.add_argument("--no-gen-cache", action="store_true", help="decode every evaluation answer again instead of "
+                   "reusing the greedy answers of the same weights in <run-dir>/gen_cache/ (common.gen_cache)")
+
+
+def open_gen_cache(run_dir: str, args) -> "GenCache | None":
+    """The run directory's cache, or None under --no-gen-cache. Raises GenCacheError for a damaged file."""
+    return None if args.no_gen_cache else GenCache(os.path.join(run_dir, "gen_cache"))
+
+
 class GenCacheError(ValueError):
     """A generation cache file that cannot be used; the message names it and says to delete it."""
 

@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 
+from common.stats import gap_label, paired_gaps
+
 STAGE_ORDER = ["timings", "parent", "bld", "mip", "mip_2x", "ffn_fusion", "distill", "distill_unfused", "distill_1.5x",
                "distill_2x",
                "kd_ablation", "sft", "sft_parent", "sft_eval", "grpo", "grpo_no_filter", "grpo_eval", "rlhf_rloo",
@@ -47,7 +49,7 @@ def _pm(v, se=None):
 
 
 def _gaps(rows, vs: str, ref, label: str):
-    """The paired-difference cells of an ablation table, from rows[i][vs] (common.evaluate.paired_gaps against the
+    """The paired-difference cells of an ablation table, from rows[i][vs] (common.stats.paired_gaps against the
     reference row `ref`): ΔKL and Δacc, each ± its paired SE, and which of the two gaps exceed 2 paired SE."""
     out = []
     for r in rows:
@@ -55,9 +57,8 @@ def _gaps(rows, vs: str, ref, label: str):
         if r is ref or not g:
             out.append(("-", "-", label if r is ref else "-"))
             continue
-        beyond = [n for k, n in (("kl_parent", "KL"), ("next_token_acc", "acc")) if g.get(f"{k}_beyond_2se")]
         out.append((_val(g.get("kl_parent"), se=g.get("kl_parent_se"), sign="+"),
-                    _val(g.get("next_token_acc"), se=g.get("next_token_acc_se"), sign="+"), ", ".join(beyond) or "no"))
+                    _val(g.get("next_token_acc"), se=g.get("next_token_acc_se"), sign="+"), gap_label(g)))
     return out
 
 
@@ -317,14 +318,14 @@ def _fusion_after_kd(metrics: dict) -> list[str]:
     lines = ["## 03 + 04 FFN Fusion after the same KD budget", ""]
     lines += _table(["model", "student", "KD tokens", "KL", "next-token acc", "retention", *[f"{k} vs parent"
                                                                                            for k in keys]], rows)
-    pa, pb = (m["after"].get("per_seq") or {} for m in (fused, unfused))
+    a, b = fused["after"], unfused["after"]
+    try:
+        g, n = paired_gaps(a, b), len(a["per_seq"]["kl_parent"])
+    except (KeyError, ValueError):  # older metrics without per-chunk values, or other chunks: no paired line
+        return lines + [""]
     for k, name in (("kl_parent", "KL"), ("next_token_acc", "next-token acc")):
-        if pa.get(k) and len(pa[k]) == len(pb.get(k) or ()):
-            d = [x - y for x, y in zip(pa[k], pb[k])]
-            mean = sum(d) / len(d)
-            se = (sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1) / len(d)) ** 0.5
-            lines.append(f"fused − unfused {name}: {mean:+.3g} ± {se:.2g} (paired over {len(d)} chunks"
-                         f"{'; beyond 2 SE' if abs(mean) > 2 * se else '; within 2 SE'})")
+        lines.append(f"fused − unfused {name}: {g[k]:+.3g} ± {g[k + '_se']:.2g} (paired over {n} chunks; "
+                     f"{'beyond' if g[k + '_beyond_2se'] else 'within'} 2 SE)")
     return lines + [""]
 
 

@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from common.checkpoint import save_checkpoint
-from common.evaluate import (TEXT_METRICS, TextEval, evaluate_checkpoint, generation_eval, main, paired_diff,
-                             paired_gaps, speed_eval)
+from common.evaluate import TEXT_METRICS, TextEval, evaluate_checkpoint, generation_eval, main, speed_eval
+from common.stats import gap_label, paired_diff, paired_gaps
 from common.generate import generate
 
 
@@ -92,6 +92,9 @@ def test_paired_diff_of_a_model_against_itself_is_zero(parent_and_eval):
     assert d == pytest.approx(b["kl_parent"] - a["kl_parent"]) and 0 < se < d
     g = paired_gaps(b, a)
     assert g["kl_parent"] == d and g["kl_parent_se"] == se and g["kl_parent_beyond_2se"] == (d > 2 * se)
+    assert gap_label(paired_gaps(a, a)) == "no"
+    assert gap_label({"kl_parent_beyond_2se": True, "next_token_acc_beyond_2se": True}) == "KL, acc"
+    assert gap_label({"kl_parent_beyond_2se": False, "next_token_acc_beyond_2se": True}) == "acc"
     assert paired_gaps(a, a) == {"kl_parent": 0.0, "kl_parent_se": 0.0, "kl_parent_beyond_2se": False,
                                  "next_token_acc": 0.0, "next_token_acc_se": 0.0, "next_token_acc_beyond_2se": False}
     with pytest.raises(ValueError, match="same evaluation chunks"):

@@ -67,7 +67,7 @@ def test_report_shows_se_and_marks_gaps_beyond_2_paired_se(tmp_path):
            "kl": 0.31, "kl_se": 0.0123, "next_token_acc": 0.40, "next_token_acc_se": 0.011, "top1_agreement": 0.7}
     _write(r, "mip", {"predicted_speedup": 1.6, "measured_speedup": 1.52, "next_token_acc_retention": 0.9,
                       "baselines": [row, dict(row, method="greedy per-layer", kl=0.5)], "sweep": [row]})
-    def gaps(dk, sk, da, sa):  # common.evaluate.paired_gaps' fields
+    def gaps(dk, sk, da, sa):  # common.stats.paired_gaps' fields
         return {"kl_parent": dk, "kl_parent_se": sk, "kl_parent_beyond_2se": abs(dk) > 2 * sk,
                 "next_token_acc": da, "next_token_acc_se": sa, "next_token_acc_beyond_2se": abs(da) > 2 * sa}
     ev = lambda kl, acc: {"kl_parent": kl, "kl_parent_se": 0.051, "next_token_acc": acc,  # noqa: E731
