@@ -98,7 +98,7 @@ def parse_args(argv=None):
                    help="min-speedup values for the Pareto front, e.g. 1.25,1.5,2,2.5,3")
     p.add_argument("--no-baselines", action="store_true", help="skip greedy / depth / uniform / init-only")
     # evaluation
-    p.add_argument("--eval-seqs", type=positive_int, default=8, help="held-out sequences for KL / accuracy")
+    p.add_argument("--eval-seqs", type=positive_int, default=32, help="held-out sequences for KL / accuracy (SE over them)")
     p.add_argument("--eval-seq-len", type=positive_int, default=128)
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--run-dir", default=None, help="where metrics/ and costs/ go (default: parent of --out)")
