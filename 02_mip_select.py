@@ -352,7 +352,12 @@ def main(argv=None):
         row = {"method": label, **speed_row(choice, copy.deepcopy(child).to(speed_dtype)), "params": num_params(child),
                "kl": q["kl_parent"], "next_token_acc": q["next_token_acc"], "top1_agreement": q["top1_agreement"],
                "lm_loss": q["lm_loss"], "kl_se": q["kl_parent_se"], "next_token_acc_se": q["next_token_acc_se"],
-               "top1_agreement_se": q["top1_agreement_se"], "per_seq": q["per_seq"]}
+               "top1_agreement_se": q["top1_agreement_se"], "per_seq": q["per_seq"],
+               # the MIP's additive model of quality (sum of replace-one-block KLs) next to the measured KL, and how
+               # many layers lost their attention: removals that compound make the measured KL exceed the sum
+               "kl_sum_predicted": predicted(choice)["kl_sum"],
+               "attention_replaced": sum(not entries[(l, s, n)]["parent"] for (l, s), n in choice.items()
+                                         if s == "attention")}
         parent_times.append(row["parent_runtime_s"])
         print0(f"  {label:<28} predicted {row['predicted_speedup']:.2f}x measured {row['measured_speedup']:.2f}x "
                f"[{row['measured_speedup_min']:.2f}-{row['measured_speedup_max']:.2f}] "
