@@ -155,6 +155,9 @@ def _mip(m, name):
         if any(r.get("vs_mip") for r in base):  # paired quality gaps to the MIP child, same chunks
             bcols = cols + ["ΔKL vs MIP", "Δacc vs MIP", "gap > 2 SE"]
             rows = [r + g for r, g in zip(rows, _gaps(base, "vs_mip", base[0], "MIP"))]
+        if any("kl_sum_predicted" in r for r in base):  # the MIP's additive quality model vs the measured KL
+            bcols = bcols + ["sum of block KLs", "layers without attention"]
+            rows = [r + (b.get("kl_sum_predicted"), b.get("attention_replaced")) for r, b in zip(rows, base)]
         lines += ["Baselines at the child's predicted runtime:", ""] + _table(bcols, rows)
     if m.get("sweep"):
         lines += ["Pareto sweep (min-speedup targets):", ""] + _table(cols, [row(r) for r in m["sweep"]])

@@ -138,7 +138,9 @@ def test_report_mip_cost_model_gaps_to_mip_and_fusion_after_kd(tmp_path):
              dict(row, method="random child 1", prediction_error=-0.05)]
     _write(r, "mip", {"predicted_speedup": 1.5, "measured_speedup": 1.52, "next_token_acc_retention": 0.9,
                       "ceiling_speedup": 5.1, "cost_check_max_abs_error": 0.05, "repeat_agreement": 0.012,
-                      "cost_check": check, "baselines": [row, greedy], "sweep": [row]})
+                      "cost_check": check, "baselines": [dict(row, kl_sum_predicted=0.2, attention_replaced=12),
+                                                         dict(greedy, kl_sum_predicted=0.25, attention_replaced=9)],
+                      "sweep": [row]})
     after = lambda kl, acc, d: {"kl_parent": kl, "kl_parent_se": 0.01, "next_token_acc": acc,  # noqa: E731
                                 "next_token_acc_se": 0.01, "per_seq": {"kl_parent": [kl + d, kl - d, kl],
                                                                        "next_token_acc": [acc, acc + d, acc - d]}}
@@ -150,7 +152,7 @@ def test_report_mip_cost_model_gaps_to_mip_and_fusion_after_kd(tmp_path):
     text = render(r)
     assert "predicted within 5.0% of their measured speed" in text and "agrees within 1.2%" in text
     assert "| MIP (KL score) | 1.52 (1.49-1.55) | 1.5 | +1.3% | 0.3 |" in text
-    assert "| +0.19 ± 0.02 | -0.01 ± 0.01 | KL |" in text  # the greedy row's paired gap to the MIP child
+    assert "| +0.19 ± 0.02 | -0.01 ± 0.01 | KL | 0.25 | 9 |" in text  # greedy's paired gap, its KL sum, attention
     assert "| random child 1 | 1.52 (1.49-1.55) | 1.5 | -5.0% |" in text
     assert "## 03 + 04 FFN Fusion after the same KD budget" in text
     assert "| fused child | fused | 24,576 | 0.3 ± 0.01 | 0.37 ± 0.01 | 0.925 | 1.7 |" in text
