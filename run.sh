@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded parent (SmolLM2-135M-Instruct), CPU-sized budgets, ending with the results
 # tables. Each stage is skipped when its output is already complete, so a crashed run.sh resumes where it stopped.
-#   bash run.sh                 # runs/smol, about an hour on a 2-core CPU
+#   bash run.sh                 # runs/smol: ~93 min of stages on a 2-core avx512_bf16 CPU (01-05 36 min, 06-07 57 min)
 #   NAME=exp2 bash run.sh       # another run directory
 # Larger budgets (GPU) are flags of each stage script; see the README.
 set -euo pipefail
@@ -59,7 +59,8 @@ stage sft_parent    "$R/sft_parent/COMPLETED"      $PY 05_sft.py --init "$R/pare
 # 06: reasoning RL (GRPO) on the line whose SFT model solves some prompts on this budget (LN-Nano's, from the
 # parent): pass-rate filter (8 samples per candidate), easy-to-hard curriculum, 16 prompts x 8 samples per rollout,
 # 2 optimizer steps per rollout, lr 3e-6 (at 2e-5 "on" accuracy fell 15 points); before/after accuracy on 100
-# held-out problems per mode. This budget shows no held-out gain (README, 06): the stage is the recipe, not a result.
+# held-out problems per mode. End to end on a fresh run directory it raised "on" accuracy 0.16 -> 0.28 (+0.12 +- 0.041
+# paired SE, one seed; README, 06).
 stage grpo          "$R/grpo/COMPLETED"            $PY 06_grpo.py --policy "$R/sft_parent" --data "$D" --out "$R/grpo" \
                       --num-prompts 64 --steps 24 --prompts-per-step 16 --group-size 8 --lr 3e-6 --eval-problems 100
 
