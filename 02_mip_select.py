@@ -98,7 +98,8 @@ def parse_args(argv=None):
                    help="min-speedup values for the Pareto front, e.g. 1.25,1.5,2,2.5,3")
     p.add_argument("--no-baselines", action="store_true", help="skip greedy / depth / uniform / init-only")
     # evaluation
-    p.add_argument("--eval-seqs", type=positive_int, default=32, help="held-out sequences for KL / accuracy (SE over them)")
+    p.add_argument("--eval-seqs", type=positive_int, default=32,
+                   help="held-out sequences for KL / accuracy (SE over them)")
     p.add_argument("--eval-seq-len", type=positive_int, default=128)
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--run-dir", default=None, help="where metrics/ and costs/ go (default: parent of --out)")
@@ -354,7 +355,7 @@ def main(argv=None):
                "lm_loss": q["lm_loss"], "kl_se": q["kl_parent_se"], "next_token_acc_se": q["next_token_acc_se"],
                "top1_agreement_se": q["top1_agreement_se"], "per_seq": q["per_seq"],
                # the MIP's additive model of quality (sum of replace-one-block KLs) next to the measured KL, and how
-               # many layers lost their attention: removals that compound make the measured KL exceed the sum
+               # many layers lost their attention: where replacements interact, the measured KL departs from the sum
                "kl_sum_predicted": predicted(choice)["kl_sum"],
                "attention_replaced": sum(not entries[(l, s, n)]["parent"] for (l, s), n in choice.items()
                                          if s == "attention")}
