@@ -126,7 +126,7 @@ def chunks_of(tokenizer, docs, seq_len, what):
 @torch.no_grad()
 def calibration_stats(parent, ids, batch_size, want_lstsq):
     """Per layer: mean |a_j| of the FFN's channels, and X^T X, X^T Y of each subblock (for least squares)."""
-    L, h = parent.config.num_hidden_layers, parent.config.hidden_size
+    L = parent.config.num_hidden_layers
     stats = [{"act": 0.0, "n": 0} for _ in range(L)]
     for i in range(0, len(ids), batch_size):
         x, rope = embed(parent, ids[i:i + batch_size])

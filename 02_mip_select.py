@@ -255,7 +255,7 @@ def main(argv=None):
         key = "kl" if name == "kl" else "lm_loss_delta"
         return {b: scores[pair_key(*b)][key] for b in blocks}
 
-    score_of = score_table(args.score)
+    score_of, kl_of = score_table(args.score), score_table("kl")
 
     def predicted(choice):
         its = [(l, s, n) for (l, s), n in choice.items()]
@@ -263,7 +263,7 @@ def main(argv=None):
         return {"params": sum(params[i] for i in its) + nonblock_params,
                 "memory_bytes": sum(memory[i] for i in its) + nonblock_mem, "runtime_s": rt,
                 "speedup": parent_rt / rt, "score": sum(score_of[b] for b in blocks_of(choice)),
-                "kl_sum": sum(score_table("kl")[b] for b in blocks_of(choice))}
+                "kl_sum": sum(kl_of[b] for b in blocks_of(choice))}
 
     def constraints_for(min_speedup=None):
         cons = {}
