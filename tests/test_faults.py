@@ -6,26 +6,25 @@ Faults: bad paths, corrupt files (truncated safetensors, invalid JSON, non-UTF-8
 NaN loss, a NaN/overflowing gradient under a finite loss, kill -9 in the middle of a save, stale states of another
 run, an existing --out that is not a checkpoint, a metrics file of another run.
 
-Each case runs in its own copy of one tiny "world" (hard links, so a copy costs nothing), two at a time, each in a
-process forked from a server that has imported torch and transformers once (multiprocessing's forkserver; the
-process runs the script as `python SCRIPT ARGS` would, see _run_script.py): ~3 s less per case.
+Each case runs in its own copy of one tiny "world" (hard links, so a copy costs nothing), two at a time, each as
+`python SCRIPT ARGS` in a fresh interpreter (a kill story through _run_script.py, which arms the kill). An earlier
+version forked every case from one multiprocessing forkserver (imports paid once); under load it once handed a
+case another case's output and a wrong exit status, so every case now pays its own ~4 s of imports.
 A stage is added by rows in CASES (and, for a training stage, a row in STATEFUL):
     Case(script, name, argv with "{d}" for the case's directory, expected part of the message, setup(d) or None)
 """
 
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import shutil
 import subprocess
-import tempfile
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-import _run_script
 import pytest
 import torch
 from conftest import ROOT, tiny_model, tiny_tokenizer
@@ -36,23 +35,6 @@ from common.optim import finished_states
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ERROR_LINE = re.compile(r"^(\S+: )?error: ")  # ours, or argparse's "<prog>: error: argument --x: ..."
-FORKS = multiprocessing.get_context("forkserver")
-
-
-@pytest.fixture(scope="module")
-def fork_server():
-    """The fork server, started with ENV (its preloaded imports read it) and nothing computed in it yet, so a
-    forked case starts clean (no thread pools)."""
-    saved = dict(os.environ)
-    os.environ.update(ENV)
-    try:
-        FORKS.set_forkserver_preload(["torch", "transformers", "datasets", "common", "common.checkpoint",
-                                      "_run_script"])
-        from multiprocessing import forkserver
-        forkserver.ensure_running()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 # ----------------------------------------------------------------------------
@@ -80,7 +62,7 @@ def poisoned(kind: str):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, fork_server):
+def world(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("world"))
     tok = tiny_tokenizer()
     save_checkpoint(tiny_model(num_layers=2), tok, f"{d}/parent", stage="parent")
@@ -134,21 +116,15 @@ def command(script: str, args, d: str, out: str | None = None) -> list[str]:
 
 
 def run(args, d, out=None, kill_at_save=0, timeout=300) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` in a forked process; kill_at_save=N: kill -9 it in the middle of its N-th state save."""
+    """`python SCRIPT ARGS` in d; kill_at_save=N: kill -9 it in the middle of its N-th state save."""
     argv = command(args[0], args[1:], d, out)
-    fd_out, out_path = tempfile.mkstemp(suffix=".out")
-    fd_err, err_path = tempfile.mkstemp(suffix=".err")
-    os.close(fd_out), os.close(fd_err)
-    p = FORKS.Process(target=_run_script.run, args=(argv, ROOT, ENV, out_path, err_path, kill_at_save))
-    p.start()
-    p.join(timeout)
-    if p.is_alive():
-        p.kill()
-        p.join()
-    with open(out_path) as f_out, open(err_path) as f_err:
-        r = subprocess.CompletedProcess(argv, p.exitcode, f_out.read(), f_err.read())
-    os.unlink(out_path), os.unlink(err_path)
-    return r
+    if kill_at_save:
+        argv = [os.path.join(ROOT, "tests", "_run_script.py"), str(kill_at_save), *argv]
+    try:
+        return subprocess.run([sys.executable, *argv], cwd=d, env=ENV, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(argv, f"timeout after {timeout} s", e.stdout, e.stderr)
 
 
 # ----------------------------------------------------------------------------
@@ -495,6 +471,7 @@ def test_kill9_mid_save_then_stale_states_refused_and_resume_completes(results, 
     assert obs["states_gone"]
     if s.bar:  # the resumed run's bar starts at the step of its state, not at 0
         assert [m.group(1) for m in bar_draws(obs["resumed"].stderr, s.bar)][:1] == ["1"], obs["resumed"].stderr[-2000:]
+    assert not isinstance(obs["reference"], str), obs["reference"]  # the uninterrupted run's stderr, had it failed
     (losses, other), (ref_losses, ref_other) = obs["record"], obs["reference"]
     assert len(losses) == s.steps and other == ref_other  # the history and counts from before the kill were kept
     assert losses == pytest.approx(ref_losses, rel=1e-5)  # and the run continued as if never stopped

@@ -1,14 +1,13 @@
 """03_ffn_fusion.py: fusion equals the parallel sum, groups from the dependency map, the fused checkpoint."""
 
 import importlib.util
-import json
 import os
 
 import pytest
 import torch
 from conftest import ROOT, tiny_model
 
-from common.model import AttentionConfig, BlockConfig, DeciLMForCausalLM, FFNConfig
+from common.model import DeciLMForCausalLM
 
 spec = importlib.util.spec_from_file_location("ffn_fusion", os.path.join(ROOT, "03_ffn_fusion.py"))
 ffn_fusion = importlib.util.module_from_spec(spec)
