@@ -27,20 +27,19 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoint, write_json_atomic, write_metrics
 from common.cli import int_list, nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
-from common.data import load_text_documents, spread_chunks, text_chunks
+from common.data import bld_documents, spread_chunks, text_chunks
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.tracking import add_wandb_args, init_wandb
 from common.losses import normalized_mse
 from common.model import ffn_mult_to_intermediate_size
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
-from common.puzzle import (SUBBLOCKS, Subblock, attention_variants, ffn_variants, pair_key, parent_subblock_state,
-                           set_subblock, subblock_params, variant_key, variant_path)
+from common.puzzle import (SUBBLOCKS, Subblock, attention_variants, embed, ffn_variants, pair_key,
+                           parent_subblock_state, replace_one_block_scores, subblock_params, variant_key, variant_path)
 
 # ----------------------------------------------------------------------------
 # Arguments
@@ -100,16 +99,10 @@ def auto_or_list(s):
 
 
 def load_documents(path, split):
-    """Training ("train") or scoring ("score") documents: the distillation mix's own disjoint splits (data_gen.text;
-    the evaluation suite's text is a third), or a local text/JSONL file split 9:1 by document (score: every 10th)."""
-    if path is None:
-        from data_gen.text import distill_documents
-        return distill_documents(split)
     try:
-        docs = load_text_documents(path)
+        return bld_documents(path, split)
     except ValueError as e:
         die(str(e))
-    return [d for i, d in enumerate(docs) if (i % 10 == 0) == (split == "score")]
 
 
 def chunks_of(tokenizer, docs, seq_len, what):
@@ -192,12 +185,6 @@ def init_variant(parent, l, sub, v, stats, linear_init):
     return sb
 
 
-def embed(model, ids):
-    x = model.model.embed_tokens(ids)
-    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
-    return x, model.model.rotary_emb(x, pos)
-
-
 # ----------------------------------------------------------------------------
 # Decoupled BLD: one parent forward per batch, every variant learns its layer's parent subblock
 
@@ -219,62 +206,6 @@ def bld_step(parent, ids, jobs_at, modules, autocast, train=True):
                 losses[key] = loss.item()
             x = x + target
     return losses
-
-
-# ----------------------------------------------------------------------------
-# Replace-one-block scoring (Puzzle §scoring): each block (attention, FFN pair) alone in the parent, on the scoring text
-
-
-@torch.no_grad()
-def replace_one_block_scores(parent, held, pairs, states, batch_size, autocast):
-    """{pair_key: {kl, lm_loss, next_token_acc, top1_agreement}} for every block in `pairs` [(layer, attention
-    entry, FFN entry)]: the pair replaces its whole layer of the parent, alone. Subblock scores do not add up
-    (on SmolLM2, layer 2's attention-removal KL + FFN-removal KL is 1.50, removing the layer costs 1.06), so
-    Puzzle scores the block. The parent's activations up to each layer are computed once: a block at layer l
-    runs layers l..L-1 only (on average half a forward)."""
-    model, L = parent, parent.config.num_hidden_layers
-    cache = []  # per batch: ids, layer inputs [L+1], rope, the parent's probabilities, sum p log p, its top-1
-    with autocast():
-        for i in range(0, len(held), batch_size):
-            ids = held[i:i + batch_size]
-            x, rope = embed(model, ids)
-            hs = [x]
-            for layer in model.model.layers:
-                hs.append(layer(hs[-1], rope))
-            plogp = F.log_softmax(model.lm_head(model.model.norm(hs[-1])).float(), -1)
-            p = plogp.exp()
-            cache.append((ids, hs, rope, p, (p * plogp).sum(-1), plogp.argmax(-1)))
-
-    def metrics_from(l):
-        """KL(p||q) = sum p log p - (sum p z - logsumexp z) for the child's logits z: two passes over the vocab."""
-        tot = {"kl": 0.0, "lm_loss": 0.0, "next_token_acc": 0.0, "top1_agreement": 0.0}
-        n = 0
-        for ids, hs, rope, p, neg_ent, ptop in cache:
-            with autocast():
-                x = hs[l]
-                for layer in model.model.layers[l:]:
-                    x = layer(x, rope)
-                z = model.lm_head(model.model.norm(x)).float()
-            lse = torch.logsumexp(z, -1)
-            top = z.argmax(-1)
-            tok = ids.numel()
-            tot["kl"] += (neg_ent - (p * z).sum(-1) + lse).sum().item()
-            tot["top1_agreement"] += (top == ptop).sum().item()
-            nxt = ids[:, 1:]
-            nll = lse[:, :-1] - z[:, :-1].gather(-1, nxt[..., None])[..., 0]
-            tot["lm_loss"] += nll.sum().item() * tok / nxt.numel()
-            tot["next_token_acc"] += (top[:, :-1] == nxt).float().sum().item() * tok / nxt.numel()
-            n += tok
-        return {k: v / n for k, v in tot.items()}
-
-    out = {"__parent__": metrics_from(L)}
-    for l, a, f in progress(pairs, desc="replace-one-block scores", unit="block"):
-        undo = [set_subblock(model, l, e["subblock"], e["config_obj"], states[e["key"]]) for e in (a, f)
-                if not e["parent"]]
-        out[pair_key(l, a["name"], f["name"])] = metrics_from(l)
-        for u in reversed(undo):
-            u()
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -463,7 +394,7 @@ def main(argv=None):
             scores.update(s)
             local.update(loc)
     if rank == 0:
-        base = scores.pop("__parent__")
+        base = scores.pop("__base__")
         names = {sub: [v["name"] for v in space[sub]] for sub in SUBBLOCKS}
         pa, pf = (next(v["name"] for v in space[sub] if v["parent"]) for sub in SUBBLOCKS)
         for l in range(config.num_hidden_layers):  # the parent's own block: the parent itself (score 0)

@@ -12,6 +12,9 @@ the parent (median of per-round ratios, min-max kept), so a machine that drifts 
 the main child is timed again at the end to show how well a measurement repeats.
 The MIP picks exactly one block (attention, FFN pair) per layer minimizing the summed replace-one-block block score
 (KL by default) under any of: max parameters, max memory, min throughput speedup, max latency.
+--rescore-rounds N (not in Puzzle, off by default): score every block again alone in the chosen child (KL to the
+parent, on 01's scoring text) and solve again, for blocks whose damage compounds (attention removals do; FFN
+narrowings add up: benchmarks/score_additivity.py measures both); the other score's baseline gets the same rounds.
 
     python 02_mip_select.py --library runs/smol/library --out runs/smol/child --min-speedup 1.5 \
         --sweep 1.25,2,2.5,3                        # CPU, ~5 min with baselines (~1 of it costs, then cached)
@@ -38,18 +41,18 @@ import torch
 
 from common.costs import cost_cache_path, cost_key, measure_block_runtimes, paired_speedup, read_cached_costs
 from common.costs import swap_variants
-from common.dist import print0, progress, resolve_dtype
+from common.dist import autocast_ctx, print0, progress, resolve_dtype
 from common.evaluate import TextEval
 from common.stats import paired_gaps
 from common.tracking import add_wandb_args, init_wandb
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json_atomic
 from common.checkpoint import check_metrics_free, check_out_free, write_metrics
 from common.cli import float_list, nonneg_int, off_or, positive_float, positive_int
-from common.data import spread_chunks
+from common.data import bld_documents, spread_chunks
 from common.fp8 import DTYPE_BYTES, kv_bytes_per_token
 from common.model import num_params
-from common.puzzle import (SUBBLOCKS, load_library, load_variant_state, pair_key, set_subblock,
-                           variant_config_from_dict)
+from common.puzzle import (SUBBLOCKS, assemble_child, load_library, load_variant_state, pair_key,
+                           replace_one_block_scores, variant_config_from_dict)
 from data_gen.text import distill_documents
 
 # ----------------------------------------------------------------------------
@@ -91,6 +94,10 @@ def parse_args(argv=None):
     p.add_argument("--max-latency", type=off_or(positive_float), default=-1, help="max seconds for the scenario")
     # search
     p.add_argument("--score", default="kl", choices=["kl", "lm_loss"], help="replace-one-block score to minimize")
+    p.add_argument("--rescore-rounds", type=nonneg_int, default=0,
+                   help="not in Puzzle: score every block again alone in the chosen child (KL still to the parent) "
+                        "and solve again, up to this many times; for blocks whose damage compounds (attention "
+                        "removals), which scores taken in the parent miss (~8 min per round on this CPU)")
     p.add_argument("--num-solutions", type=positive_int, default=1)
     p.add_argument("--min-hamming", type=nonneg_int, default=2, help="min layers whose block differs between solutions")
     p.add_argument("--time-limit", type=positive_int, default=60, help="CBC seconds per solve")
@@ -334,21 +341,57 @@ def main(argv=None):
         solutions.append(choice)
     print0(f"MIP: {len(solutions)} solution(s); predicted {predicted(solutions[0])}")
 
+    # Optional: scores in the context of the chosen child. Puzzle scores each block alone in the parent and adds the
+    # scores; where changes compound (each attention removal costs more once others are gone) the sum underrates a
+    # child, so score every block alone in the chosen child (its KL to the parent), solve again, repeat
+    if args.rescore_rounds:
+        largs = library["args"]
+        held = spread_chunks(tokenizer, bld_documents(largs["data"], "score"), largs["score_seq_len"],
+                             largs["score_seqs"]).to(device)
+        states = {e["key"]: load_variant_state(args.library, e, parent) for e in entries.values()}
+        score_dtype = resolve_dtype(largs["dtype"], device)
+
+    def rescore(choice, score_name, cons):
+        """Round r scores every block alone in round r's child and solves again; the child kept is the one with the
+        best score (KL or LM loss) measured on the scoring text, round 0 being Puzzle's own solution."""
+        key, seen, rounds = ("kl" if score_name == "kl" else "lm_loss"), [], []
+        for r in range(args.rescore_rounds + 1):
+            last = r == args.rescore_rounds
+            base = assemble_child(parent, args.library, entries, choice)
+            own = {l: (choice[(l, "attention")], choice[(l, "ffn")]) for l in range(L)}
+            pairs = [] if last else [(l, entries[(l, "attention", a)], entries[(l, "ffn", f)]) for l, a, f in blocks
+                                     if own[l] != (a, f)]
+            ctx = replace_one_block_scores(base, held, pairs, states, 4, lambda: autocast_ctx(device, score_dtype),
+                                           reference=parent, base=choice)
+            at_base = ctx.pop("__base__")
+            seen.append((at_base[key], choice))
+            rounds.append({"round": r, "kl": at_base["kl"], "lm_loss": at_base["lm_loss"], "attention_replaced": sum(
+                not entries[(l, "attention", a)]["parent"] for l, (a, _) in own.items())})
+            print0(f"rescoring ({score_name}) round {r}: the child's scoring-text KL {at_base['kl']:.4f}, LM loss "
+                   f"{at_base['lm_loss']:.4f}")
+            if last:
+                break
+            table = {(l, a, f): (ctx[pair_key(l, a, f)] if own[l] != (a, f) else at_base)[key] for l, a, f in blocks}
+            new, _ = solve_mip(table, cons, args.time_limit)
+            rounds[-1]["changed_subblocks"] = sum(new[k] != choice[k] for k in choice)
+            if rounds[-1]["changed_subblocks"] == 0:
+                break
+            choice = new
+        kept = min(range(len(seen)), key=lambda i: seen[i][0])
+        print0(f"rescoring ({score_name}): keeps round {kept}'s child")
+        return seen[kept][1], {"rounds": rounds, "kept_round": kept}
+
+    rescored = {}
+    if args.rescore_rounds:
+        solutions[0], rescored[args.score] = rescore(solutions[0], args.score, cons)
+
     # ------------------------------------------------------------------------
     # Assemble children from the library; measure speed and quality against the parent in this run
     tev = TextEval(parent, tokenizer, seq_len=args.eval_seq_len, num_seqs=args.eval_seqs, batch_size=4)
     parent_times = []  # the parent's time from every paired measurement (the table's parent runtime: their median)
 
-    def assemble(choice, init=False):
-        child = copy.deepcopy(parent)
-        for (l, sub), name in sorted(choice.items()):
-            e = entries[(l, sub, name)]
-            state = load_variant_state(args.library, e, parent, init=init and not e["parent"])
-            set_subblock(child, l, sub, variant_config_from_dict(sub, e["config"]), state)
-        return child.eval()
-
     def measure(choice, init=False, label=""):
-        child = assemble(choice, init)
+        child = assemble_child(parent, args.library, entries, choice, init)
         q = tev(child)
         row = {"method": label, **speed_row(choice, copy.deepcopy(child).to(speed_dtype)), "params": num_params(child),
                "kl": q["kl_parent"], "next_token_acc": q["next_token_acc"], "top1_agreement": q["top1_agreement"],
@@ -366,7 +409,8 @@ def main(argv=None):
         return row, child
 
     pq = tev(parent)
-    main_row, child = measure(solutions[0], label="MIP (KL score)" if args.score == "kl" else "MIP (LM-loss score)")
+    tag = ", rescored" if args.rescore_rounds else ""
+    main_row, child = measure(solutions[0], label=f"MIP ({'KL' if args.score == 'kl' else 'LM-loss'} score{tag})")
 
     # ------------------------------------------------------------------------
     # Sweep: the Pareto front (predicted quality vs measured speed)
@@ -391,9 +435,12 @@ def main(argv=None):
 
     if not args.no_baselines:
         other = "lm_loss" if args.score == "kl" else "kl"
-        ch, _ = solve_mip(score_table(other), {"runtime": (runtime, nonblock_rt, target_rt)}, args.time_limit)
+        other_cons = {"runtime": (runtime, nonblock_rt, target_rt)}
+        ch, _ = solve_mip(score_table(other), other_cons, args.time_limit)
+        if ch and args.rescore_rounds:
+            ch, rescored[other] = rescore(ch, other, other_cons)
         if ch:
-            baselines.append(measure(ch, label=f"MIP ({'LM-loss' if other == 'lm_loss' else 'KL'} score)")[0])
+            baselines.append(measure(ch, label=f"MIP ({'LM-loss' if other == 'lm_loss' else 'KL'} score{tag})")[0])
         greedy = greedy_blocks(score_of, block_costs(runtime, blocks), block_budget)
         baselines.append(measure(greedy, label="greedy per-layer")[0])
         if "no_op" in names["attention"] and "no_op" in names["ffn"]:
@@ -441,7 +488,7 @@ def main(argv=None):
               "nonblock": {"params": nonblock_params, "runtime_s": nonblock_rt, "memory_bytes": nonblock_mem},
               "ceiling_runtime_s": ceiling_rt, "ceiling_speedup": ceiling_speedup,
               "cost_check": {"max_abs_error": abs(worst["prediction_error"]), "rows": cost_check},
-              "repeat": repeat, "costs_cache": cost_path, "costs_key": cost_id, "baselines": baselines, "sweep": sweep,
+              "rescore_rounds": rescored, "repeat": repeat, "costs_cache": cost_path, "costs_key": cost_id, "baselines": baselines, "sweep": sweep,
               "vllm_note": ("uses replace_with_linear: NVIDIA's HF code runs it, vLLM's nemotron_nas does not"
                             if uses_linear else "")}
     child = child.to(parent.dtype)

@@ -196,6 +196,16 @@ def json_lines(path: str, parse: bool = True, fix: str = "re-encode the file as 
                                  f"line") from None
 
 
+def bld_documents(path: str | None, split: str) -> list[str]:
+    """01's training ("train") or scoring ("score") documents: the distillation mix's own disjoint splits
+    (data_gen.text; the evaluation suite's text is a third), or a local text/JSONL file split 9:1 by document
+    (score: every 10th). 02 reads the scoring text the same way (its --rescore-rounds)."""
+    if path is None:
+        from data_gen.text import distill_documents
+        return distill_documents(split)
+    return [d for i, d in enumerate(load_text_documents(path)) if (i % 10 == 0) == (split == "score")]
+
+
 def load_text_documents(path: str, text_column: str = "text") -> list[str]:
     """The non-empty texts of a local data set: a .jsonl/.json/.txt/.parquet/.csv file or a directory of them
     (`datasets` reads them). Bytes that are not UTF-8, a malformed JSON line, a missing column or no text at all

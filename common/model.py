@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -10,6 +10,9 @@ linear, no_op} and FFN {parent width, narrower widths (multiples of 256), linear
                                                   (attention, FFN) pair of every layer ("pairs"), each replacing
                                                   its whole layer of the parent, as Puzzle scores and picks blocks
 
+replace_one_block_scores() computes them (01), and, with another model as the base, the same scores in the context of
+a child (02's --rescore-rounds).
+
 load_library() reads it back and checks every file first, so a damaged library stops with one line naming the file.
 
 Parent variants are not stored: they are the parent checkpoint's own weights.
@@ -20,8 +23,10 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from common.dist import progress
 from common.model import (AttentionConfig, FFNConfig, DeciRMSNorm, build_attention, build_ffn,
                           ffn_mult_to_intermediate_size, intermediate_size_to_ffn_mult)
 
@@ -169,6 +174,79 @@ def set_subblock(model, layer_idx: int, subblock: str, cfg, state: dict | None):
 
 
 # ----------------------------------------------------------------------------
+# Replace-one-block scoring (Puzzle §scoring): each block (attention, FFN pair) alone in a base model
+
+
+def embed(model, ids):
+    x = model.model.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    return x, model.model.rotary_emb(x, pos)
+
+
+@torch.no_grad()
+def replace_one_block_scores(model, held, pairs, states, batch_size, autocast, reference=None, base=None):
+    """{pair_key: {kl, lm_loss, next_token_acc, top1_agreement}} for every block in `pairs` [(layer, attention
+    entry, FFN entry)]: the pair replaces its whole layer of `model`, alone; "__base__": `model` itself.
+    KL is to `reference`'s next-token distribution (default: `model`'s own, i.e. the parent scoring itself).
+    `base` {(layer, subblock): variant name} says what `model` holds where it is not the parent (01: nothing; 02's
+    rescoring: a child), so a pair's entry is swapped in only where it differs; `states` {entry key: weights}.
+    Subblock scores do not add up (on SmolLM2, layer 2's attention-removal KL + FFN-removal KL is 1.50, removing the
+    layer costs 1.06), so Puzzle scores the block. The model's activations up to each layer are computed once: a
+    block at layer l runs layers l..L-1 only (on average half a forward)."""
+    L, base = model.config.num_hidden_layers, base or {}
+    cache = []  # per batch: ids, layer inputs [L+1], rope, the reference's probabilities, sum p log p, its top-1
+    with autocast():
+        for i in range(0, len(held), batch_size):
+            ids = held[i:i + batch_size]
+            x, rope = embed(model, ids)
+            hs = [x]
+            for layer in model.model.layers:
+                hs.append(layer(hs[-1], rope))
+            if reference is None:
+                z = model.lm_head(model.model.norm(hs[-1]))
+            else:
+                z = reference(input_ids=ids).logits
+            plogp = F.log_softmax(z.float(), -1)
+            p = plogp.exp()
+            cache.append((ids, hs, rope, p, (p * plogp).sum(-1), plogp.argmax(-1)))
+
+    def metrics_from(l):
+        """KL(p||q) = sum p log p - (sum p z - logsumexp z) for the child's logits z: two passes over the vocab."""
+        tot = {"kl": 0.0, "lm_loss": 0.0, "next_token_acc": 0.0, "top1_agreement": 0.0}
+        n = 0
+        for ids, hs, rope, p, neg_ent, ptop in cache:
+            with autocast():
+                x = hs[l]
+                for layer in model.model.layers[l:]:
+                    x = layer(x, rope)
+                z = model.lm_head(model.model.norm(x)).float()
+            lse = torch.logsumexp(z, -1)
+            top = z.argmax(-1)
+            tok = ids.numel()
+            tot["kl"] += (neg_ent - (p * z).sum(-1) + lse).sum().item()
+            tot["top1_agreement"] += (top == ptop).sum().item()
+            nxt = ids[:, 1:]
+            nll = lse[:, :-1] - z[:, :-1].gather(-1, nxt[..., None])[..., 0]
+            tot["lm_loss"] += nll.sum().item() * tok / nxt.numel()
+            tot["next_token_acc"] += (top[:, :-1] == nxt).float().sum().item() * tok / nxt.numel()
+            n += tok
+        return {k: v / n for k, v in tot.items()}
+
+    def holds(l, e):  # does the model already have this entry at its layer?
+        current = base.get((l, e["subblock"]))
+        return e["parent"] if current is None else e["name"] == current
+
+    out = {"__base__": metrics_from(L)}
+    for l, a, f in progress(pairs, desc="replace-one-block scores", unit="block"):
+        undo = [set_subblock(model, l, e["subblock"], variant_config_from_dict(e["subblock"], e["config"]),
+                             states[e["key"]]) for e in (a, f) if not holds(l, e)]
+        out[pair_key(l, a["name"], f["name"])] = metrics_from(l)
+        for u in reversed(undo):
+            u()
+    return out
+
+
+# ----------------------------------------------------------------------------
 # Library on disk
 
 
@@ -186,6 +264,18 @@ def load_variant_state(library_dir: str, entry: dict, parent_model=None, init: b
     if not os.path.exists(path):
         raise FileNotFoundError(f"library variant {path} is missing; rerun 01_bld.py into a fresh --out")
     return load_file(path)
+
+
+def assemble_child(parent, library_dir: str, entries: dict, choice: dict, init: bool = False):
+    """A copy of the parent with choice {(layer, subblock): variant name} set from the library (entries:
+    {(layer, subblock, name): library.json entry}); init=True takes the variants' weights before BLD."""
+    import copy
+    child = copy.deepcopy(parent)
+    for (l, sub), name in sorted(choice.items()):
+        e = entries[(l, sub, name)]
+        state = load_variant_state(library_dir, e, parent, init=init and not e["parent"])
+        set_subblock(child, l, sub, variant_config_from_dict(sub, e["config"]), state)
+    return child.eval()
 
 
 def load_library(library_dir: str) -> tuple[dict, dict]:

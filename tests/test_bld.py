@@ -119,6 +119,45 @@ def test_every_block_is_scored_by_replacing_its_whole_layer(lib):
     assert scores["variants"][variant_key(1, "ffn", "no_op")] == pairs[pair_key(1, "kv2", "no_op")]
 
 
+def test_scores_in_a_childs_context_are_direct_kls_to_the_parent(lib):
+    """02's --rescore-rounds: a block scored alone in a child (not the parent) gets the KL to the parent of that child
+    with the block swapped in, measured directly; swapping the parent's own block back in counts too."""
+    import torch.nn.functional as F
+
+    from common.checkpoint import load_checkpoint
+    from common.data import spread_chunks
+    from common.puzzle import assemble_child, load_library, load_variant_state, replace_one_block_scores
+
+    root, out = lib
+    library, _ = load_library(out)
+    entries = {(e["layer"], e["subblock"], e["name"]): e for e in library["variants"]}
+    parent, tok = load_checkpoint(os.path.join(root, "parent"))
+    held = spread_chunks(tok, bld.load_documents(os.path.join(root, "text.txt"), "score"), 32, 2)
+    own = {(l, s): ("kv2" if s == "attention" else "w512") for l in range(4) for s in ("attention", "ffn")}
+    choice = {**own, (0, "attention"): "no_op", (2, "ffn"): "w256", (3, "attention"): "linear"}
+    states = {e["key"]: load_variant_state(out, e, parent) for e in entries.values()}
+    swaps = [{(1, "attention"): "no_op", (1, "ffn"): "linear"}, {(0, "attention"): "kv2"},
+             {(2, "ffn"): "w512", (2, "attention"): "kv1"}]
+    pairs = []
+    for sw in swaps:
+        l = next(iter(sw))[0]
+        new = {**choice, **sw}
+        pairs.append((l, entries[(l, "attention", new[(l, "attention")])], entries[(l, "ffn", new[(l, "ffn")])]))
+    base = assemble_child(parent, out, entries, choice)
+    got = replace_one_block_scores(base, held, pairs, states, 2, torch.no_grad, reference=parent, base=choice)
+    with torch.no_grad():
+        plogp = F.log_softmax(parent(held).logits.float(), -1)
+
+        def kl(ch):
+            logp = F.log_softmax(assemble_child(parent, out, entries, ch)(held).logits.float(), -1)
+            return (plogp.exp() * (plogp - logp)).sum(-1).mean().item()
+
+        assert got["__base__"]["kl"] == pytest.approx(kl(choice), rel=1e-4)
+        for (l, a, f), sw in zip(pairs, swaps):
+            assert got[pair_key(l, a["name"], f["name"])]["kl"] == pytest.approx(kl({**choice, **sw}), rel=1e-4)
+    assert base(held).logits.sub(assemble_child(parent, out, entries, choice)(held).logits).abs().max() == 0  # undone
+
+
 def test_scoring_chunks_spread_over_documents():
     from common.data import spread_chunks
 

@@ -108,6 +108,26 @@ def test_infeasible_constraints_name_the_binding_one(lib, monkeypatch, tmp_path)
     assert not os.path.exists(out)
 
 
+def test_rescoring_in_the_childs_context_keeps_the_constraints(lib):
+    """--rescore-rounds: the child and the other score's baseline are each solved again on scores taken in their
+    own context; every round is recorded, the child still meets its budget."""
+    root, _ = lib
+    out = os.path.join(root, "child_rescored")
+    mip.main(mip_argv(root, out, "--max-params", "0.5", "--rescore-rounds", "2", "--metrics-name", "mip_rescored"))
+    with open(os.path.join(out, "search.json")) as f:
+        search = json.load(f)
+    assert set(search["rescore_rounds"]) == {"kl", "lm_loss"}
+    for score, r in search["rescore_rounds"].items():
+        rounds, key = r["rounds"], ("kl" if score == "kl" else "lm_loss")
+        assert rounds[0]["round"] == 0 and 1 <= len(rounds) <= 3 and all(x["kl"] > 0 for x in rounds)
+        assert len(rounds) == 3 or rounds[-1]["changed_subblocks"] == 0  # stops early only at a fixed point
+        assert rounds[r["kept_round"]][key] == min(x[key] for x in rounds)  # the best child measured is kept
+    assert max(len(r["rounds"]) for r in search["rescore_rounds"].values()) > 1  # a solution moved at least once
+    assert search["measured"]["params"] <= search["constraints"]["max_params"]
+    assert search["measured"]["method"] == "MIP (KL score, rescored)"
+    assert any(b["method"] == "MIP (LM-loss score, rescored)" for b in search["baselines"])
+
+
 def test_assembled_child_loads_generates_and_costs_add_up(lib):
     from transformers import AutoModelForCausalLM
     root, _ = lib
