@@ -97,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--rescore-rounds", type=nonneg_int, default=0,
                    help="not in Puzzle: score every block again alone in the chosen child (KL still to the parent) "
                         "and solve again, up to this many times; for blocks whose damage compounds (attention "
-                        "removals), which scores taken in the parent miss (~8 min per round on this CPU)")
+                        "removals), which scores taken in the parent miss (~6 min per round per score on this CPU)")
     p.add_argument("--num-solutions", type=positive_int, default=1)
     p.add_argument("--min-hamming", type=nonneg_int, default=2, help="min layers whose block differs between solutions")
     p.add_argument("--time-limit", type=positive_int, default=60, help="CBC seconds per solve")
@@ -488,7 +488,8 @@ def main(argv=None):
               "nonblock": {"params": nonblock_params, "runtime_s": nonblock_rt, "memory_bytes": nonblock_mem},
               "ceiling_runtime_s": ceiling_rt, "ceiling_speedup": ceiling_speedup,
               "cost_check": {"max_abs_error": abs(worst["prediction_error"]), "rows": cost_check},
-              "rescore_rounds": rescored, "repeat": repeat, "costs_cache": cost_path, "costs_key": cost_id, "baselines": baselines, "sweep": sweep,
+              "rescore_rounds": rescored, "repeat": repeat, "costs_cache": cost_path, "costs_key": cost_id,
+              "baselines": baselines, "sweep": sweep,
               "vllm_note": ("uses replace_with_linear: NVIDIA's HF code runs it, vLLM's nemotron_nas does not"
                             if uses_linear else "")}
     child = child.to(parent.dtype)

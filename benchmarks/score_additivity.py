@@ -65,7 +65,7 @@ def main(argv=None):
               f"{r['kl']:.3f} ± {r['kl_se']:.3f} | {r['ratio']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"library": args.library, "eval_chunks": len(tev.ids), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -368,11 +368,15 @@ def render(run_dir: str) -> str:
     lines = [f"# Results: {run_dir}", ""]
     metrics = load_metrics(run_dir)
     for name, m in metrics.items():
+        if not isinstance(m, dict):  # a JSON file someone else put there (a list, a number): named, not rendered
+            lines += [f"## {name}", "", f"(not a stage's metrics file: a JSON {type(m).__name__}; skipped)", ""]
+            continue
         try:
             lines += _renderer(name, m)(m, name)
         except (KeyError, TypeError, ZeroDivisionError):  # an older or partial metrics file: list what it has
             lines += _generic(m, name)
-    return "\n".join(lines + _fusion_after_kd(metrics) + _rpo_losses(metrics))
+    stages = {n: m for n, m in metrics.items() if isinstance(m, dict)}
+    return "\n".join(lines + _fusion_after_kd(stages) + _rpo_losses(stages))
 
 
 def main(argv=None):

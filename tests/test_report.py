@@ -34,12 +34,14 @@ def test_report_tables(tmp_path):
                        "before_on_format_compliance": 1.0, "after_on_format_compliance": 0.98,
                        "after_on_mean_response_tokens": 120.5})
     _write(r, "zzz_custom", {"a": {"b": 1.5}})
+    _write(r, "zzz_list", [{"a": 1}])  # a JSON file that is no stage's metrics: named, not a crash
     text = render(r)
     assert "| total | 420 | 7 |" in text
     assert "| greedy per-layer | 1.52 | 1.6 | - | - | 90,000,000 | 0.5 | 0.4 | 0.7 |" in text
     assert "| thinking on | SFT | 0.25 (n=32) | - | 1 | - |" in text
     assert "| cosine,fkl | 0.2 | 0.45 | 0.9 | 0.8 | 3.1 |" in text
     assert "| a.b | 1.5 |" in text
+    assert "## zzz_list\n\n(not a stage's metrics file: a JSON list; skipped)" in text
     assert "10 dropped by the filter, 20 with pass rate 0, 54 kept" in text
     assert "| thinking on | 0.30 ± 0.05 (n=100) | 0.40 ± 0.05 (n=100) | +0.10 ± 0.03 | 1 | 0.98 | 120 |" in text
     main(["--run-dir", r])
