@@ -269,7 +269,6 @@ def load_variant_state(library_dir: str, entry: dict, parent_model=None, init: b
 def assemble_child(parent, library_dir: str, entries: dict, choice: dict, init: bool = False):
     """A copy of the parent with choice {(layer, subblock): variant name} set from the library (entries:
     {(layer, subblock, name): library.json entry}); init=True takes the variants' weights before BLD."""
-    import copy
     child = copy.deepcopy(parent)
     for (l, sub), name in sorted(choice.items()):
         e = entries[(l, sub, name)]

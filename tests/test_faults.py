@@ -8,8 +8,8 @@ run, an existing --out that is not a checkpoint, a metrics file of another run.
 
 Each case runs in its own copy of one tiny "world" (hard links, so a copy costs nothing), two at a time, each as
 `python SCRIPT ARGS` in a fresh interpreter (a kill story through _run_script.py, which arms the kill). An earlier
-version forked every case from one multiprocessing forkserver (imports paid once); under load it once handed a
-case another case's output and a wrong exit status, so every case now pays its own ~4 s of imports.
+version forked every case from one multiprocessing forkserver (imports paid once); under CI load a case once got
+another case's output and its reference run failed, so every case now pays its own ~4 s of imports.
 A stage is added by rows in CASES (and, for a training stage, a row in STATEFUL):
     Case(script, name, argv with "{d}" for the case's directory, expected part of the message, setup(d) or None)
 """
