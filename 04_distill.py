@@ -48,7 +48,7 @@ from common.data import load_text_documents
 from common.losses import cosine_hidden, forward_kl, lm_loss, reverse_kl
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
-from common.stats import gap_label, paired_gaps
+from common.stats import gap_label, paired_gaps, ratio_se
 
 LOSSES = ("fkl", "rkl", "cosine", "lm")
 
@@ -427,7 +427,10 @@ def main(argv=None):
             speed = speed_eval(copy.deepcopy(student).to(cdtype).eval(), teacher.eval(), batch_sizes=(1, 4),
                                prompt_len=args.seq_len, gen_len=args.speed_new_tokens)
         pacc = parent_eval.get("next_token_acc")
-        retention = {k: (m["next_token_acc"] / pacc if m and pacc else None) for k, m in (("before", before), ("after", after))}
+        retention = {}  # the child's next-token accuracy over the parent's on the same chunks, with its paired SE
+        for k, m in (("before", before), ("after", after)):
+            r, se = ratio_se(m["per_seq"]["next_token_acc"], parent_eval["per_seq"]["next_token_acc"]) if m and pacc else (None, None)
+            retention |= {k: r, f"{k}_se": se}
         metrics = {"student": args.student, "teacher": teacher_path, "out": args.out, "loss": args.loss,
                    "cosine_on": cosine_on, "tokens": sum(s for _, s, _ in phases) * per_step * args.seq_len,
                    "kd_steps": kd_steps, "cpt_steps": cpt_steps, "world_size": world_size,
@@ -445,8 +448,8 @@ def main(argv=None):
         print("|---|---|---|---|---|---|")
         for name, m in (("parent", parent_eval), ("before KD", before), ("after KD", after)):
             if m:
-                ret = m["next_token_acc"] / pacc if pacc else float("nan")
-                print(f"| {name} | {m['kl_parent']:.4f} | {m['next_token_acc']:.4f} | {ret:.3f} | "
+                ret, ret_se = ratio_se(m["per_seq"]["next_token_acc"], parent_eval["per_seq"]["next_token_acc"])
+                print(f"| {name} | {m['kl_parent']:.4f} | {m['next_token_acc']:.4f} | {ret:.3f} ± {ret_se:.3f} | "
                       f"{m['top1_agreement']:.4f} | {m['lm_loss']:.4f} |")
         if speed:
             print("speed vs teacher (ratios, same run): " + ", ".join(f"{k} {v:.3f}" for k, v in speed["ratio"].items()))

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from common.stats import gap_label, paired_gaps
+from common.stats import gap_label, paired_gaps, ratio_se
 
 STAGE_ORDER = ["timings", "parent", "bld", "mip", "mip_2x", "ffn_fusion", "distill", "distill_unfused", "distill_1.5x",
                "distill_2x",
@@ -118,6 +118,16 @@ def _evaluation(m, name):
     return lines
 
 
+def _retention(m, k):
+    """04's next-token retention of `k` ("before"/"after") with its paired SE over the evaluation chunks,
+    "0.898 ± 0.015"; the stored ratio alone where the metrics file has no per-chunk values."""
+    try:
+        r, se = ratio_se(m[k]["per_seq"]["next_token_acc"], m["parent"]["per_seq"]["next_token_acc"])
+    except (KeyError, TypeError, ValueError):
+        return (m.get("retention") or {}).get(k)
+    return _pm(r, se)
+
+
 def _bld(m, _):
     return ["## 01 Block library (BLD)", ""] + _table(
         ["variants", "trained", "steps", "tokens", "tok/s", "parent forwards / batch", "val loss init → BLD",
@@ -190,7 +200,7 @@ def _fusion(m, _):
 def _distill(m, name):
     lines = [f"## 04 Global KD: {name} ({m['student']}, loss {m['loss']}, {m['tokens']:,} tokens)", ""]
     rows = [(k, _pm(m[k].get("kl_parent"), m[k].get("kl_parent_se")),
-             _pm(m[k].get("next_token_acc"), m[k].get("next_token_acc_se")), (m.get("retention") or {}).get(k),
+             _pm(m[k].get("next_token_acc"), m[k].get("next_token_acc_se")), _retention(m, k),
              m[k].get("top1_agreement")) for k in ("before", "after") if m.get(k)]
     lines += _table(["", "KL", "next-token acc", "retention", "top-1 agree"], rows)
     sp = m.get("speed") or {}
@@ -315,7 +325,7 @@ def _fusion_after_kd(metrics: dict) -> list[str]:
     for label, m in (("unfused child", unfused), ("fused child", fused)):
         a, sp = m["after"], (m.get("speed") or {}).get("ratio", {})
         rows.append((label, m["student"], m["tokens"], _pm(a["kl_parent"], a.get("kl_parent_se")),
-                     _pm(a["next_token_acc"], a.get("next_token_acc_se")), (m.get("retention") or {}).get("after"),
+                     _pm(a["next_token_acc"], a.get("next_token_acc_se")), _retention(m, "after"),
                      *[sp.get(k) for k in sorted(sp)]))
     keys = sorted((fused.get("speed") or {}).get("ratio", {}))
     lines = ["## 03 + 04 FFN Fusion after the same KD budget", ""]

@@ -3,6 +3,7 @@
     mean, se = mean_se(per_item)                  # a mean over items (problems, chunks) and its standard error
     gaps = paired_gaps(row, ref)                  # row - ref per metric over the same chunks, paired SE, > 2 SE?
     gap_label(gaps)                               # "KL, acc" / "KL" / "no": which gaps exceed 2 paired SE
+    r, se = ratio_se(child_per_chunk, parent_per_chunk)  # retention = mean(child) / mean(parent), paired SE
 
 No torch here, so the report builder can use it.
 """
@@ -29,6 +30,23 @@ def paired_diff(a: dict, b: dict, metric: str) -> tuple[float, float]:
     if len(xa) != len(xb):
         raise ValueError(f"paired_diff needs the same evaluation chunks; got {len(xa)} and {len(xb)} values")
     return mean_se([x - y for x, y in zip(xa, xb)])
+
+
+def ratio_se(num: list[float], den: list[float]) -> tuple[float | None, float | None]:
+    """(mean(num) / mean(den), its standard error) over paired items, e.g. retention = the child's next-token
+    accuracy over the parent's on the same chunks.
+
+    The delta method for a ratio of means: SE = std(num_i - r * den_i) / sqrt(n) / mean(den). Chunks that are hard
+    for both models move both means, so this is much smaller than the child's own SE divided by the parent's mean.
+    """
+    if len(num) != len(den):
+        raise ValueError(f"ratio_se needs paired items; got {len(num)} and {len(den)} values")
+    n = len(num)
+    if n == 0 or sum(den) == 0:
+        return None, None
+    mn, md = sum(num) / n, sum(den) / n
+    r = mn / md
+    return r, mean_se([a - r * b for a, b in zip(num, den)])[1] / abs(md)
 
 
 def paired_gaps(a: dict, b: dict, metrics=tuple(k for k, _ in GAP_METRICS)) -> dict:

@@ -79,7 +79,7 @@ def test_distilled_checkpoint_records_parent_and_metrics(ckpts):
     assert meta["parent"] == str(ckpts / "parent") and meta["layer_map"] == [0, 1, 2, 3]
     m = read_json(str(ckpts / "metrics" / "full.json"))
     assert [h["phase"] for h in m["history"]] == ["kd", "kd", "cpt"]  # 128 CPT tokens = one step
-    assert 0 < m["retention"]["after"] and m["before"]["next_token_acc"] >= 0
+    assert 0 < m["retention"]["after"] and m["retention"]["after_se"] >= 0 and m["before"]["next_token_acc"] >= 0
     model, _ = load_checkpoint(str(ckpts / "full"))
     assert model.config.num_hidden_layers == 4
     with pytest.raises(SystemExit, match="already a finished checkpoint"):

@@ -4,14 +4,15 @@ import copy
 import json
 import statistics
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from common.checkpoint import save_checkpoint
 from common.evaluate import TEXT_METRICS, TextEval, evaluate_checkpoint, generation_eval, main, speed_eval
-from common.stats import gap_label, paired_diff, paired_gaps
-from common.generate import generate
+from common.stats import gap_label, paired_diff, paired_gaps, ratio_se
+from common.generate import decode, generate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,6 +102,24 @@ def test_paired_diff_of_a_model_against_itself_is_zero(parent_and_eval):
         paired_diff(a, {"per_seq": {"kl_parent": [0.0]}}, "kl_parent")
 
 
+def test_ratio_se_matches_the_spread_of_the_ratio_over_resampled_evaluations():
+    """Retention's paired SE: over many simulated evaluations (chunk difficulty shared by both models), the SE
+    ratio_se reports matches the actual spread of the ratio of means, and is far below the unpaired SE."""
+    g = np.random.default_rng(0)
+    ratios, ses, unpaired = [], [], []
+    for _ in range(2000):
+        hard = g.normal(0.42, 0.05, 16)  # per-chunk parent accuracy
+        child = 0.9 * hard + g.normal(0, 0.01, 16)
+        r, se = ratio_se(list(child), list(hard))
+        ratios.append(r), ses.append(se), unpaired.append(child.std(ddof=1) / 4 / hard.mean())
+    assert np.mean(ratios) == pytest.approx(0.9, abs=0.002)
+    assert np.mean(ses) == pytest.approx(np.std(ratios), rel=0.1)
+    assert np.mean(ses) < np.mean(unpaired) / 3
+    assert ratio_se([0.5, 0.3], [0.5, 0.3]) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="paired items"):
+        ratio_se([0.5], [0.5, 0.3])
+
+
 def test_generate_returns_n_samples_per_prompt():
     model, tok = tiny_model(), tiny_tokenizer()
     outs = generate(model, tok, ["What is 2 + 2?", "Hi"], n=2, temperature=1.0, max_new_tokens=6, seed=0)
@@ -117,6 +136,38 @@ def test_greedy_generate_matches_model_generate_per_prompt_under_left_padding():
         ref = ref.tolist()
         ref = ref[:ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
         assert o == [tok.decode(ref, skip_special_tokens=True)]
+
+
+def test_sampled_decode_draws_what_hf_generate_draws():
+    """One row, the same seed: our decode loop and transformers' model.generate (temperature, top-p, top_k 0)
+    sample the very same tokens, so the sampling rule is HF's."""
+    model, tok = tiny_model(seed=3), tiny_tokenizer()
+    ids = tok("What is 12 + 30?", add_special_tokens=False, return_tensors="pt").input_ids
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
+        torch.manual_seed(5)
+        ref = model.generate(ids, max_new_tokens=12, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             eos_token_id=[10**6], pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        torch.manual_seed(5)
+        out = decode(model, ids, torch.ones_like(ids), 12, [10**6], tok.pad_token_id, temperature, top_p)[0]
+        assert out.tolist() == ref.tolist()
+
+
+def test_decode_drops_finished_rows_without_changing_the_others():
+    """A row that stops early leaves the batch and its KV cache: the other rows' tokens are exactly those of a
+    batch where nothing stopped, and the stopped row is padded after its EOS."""
+    model, tok = tiny_model(seed=3), tiny_tokenizer()
+    prompts = ["What is 12 + 30?", "The answer is", "system user assistant detailed thinking on off, a longer one"]
+    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    width = max(map(len, enc))
+    ids = torch.tensor([[0] * (width - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+    never, pad = [10**6], tok.pad_token_id
+    full = decode(model, ids, mask, 12, never, pad)
+    others = set(full[1:].flatten().tolist())
+    k, stop = next((k, t) for k, t in enumerate(full[0].tolist()) if t not in others and k < 11)  # only row 0 has it
+    cut = decode(model, ids, mask, 12, [stop], pad)
+    assert cut[1:].tolist() == full[1:].tolist()
+    assert cut[0, :k + 1].tolist() == full[0, :k + 1].tolist() and set(cut[0, k + 1:].tolist()) <= {pad}
 
 
 def test_generate_cuts_at_stop_string():

@@ -150,12 +150,15 @@ def test_report_mip_cost_model_gaps_to_mip_and_fusion_after_kd(tmp_path):
                                                                                 0.38, 1.5)):
         _write(r, name, {"student": student, "loss": "cosine,fkl", "tokens": 24576, "before": after(0.9, 0.3, 0.0),
                          "after": after(kl, acc, 0.01), "retention": {"after": acc / 0.4},
-                         "speed": {"ratio": {"decode_tok_s_bs1": sp}}})
+                         "speed": {"ratio": {"decode_tok_s_bs1": sp}},
+                         **({"parent": {"per_seq": {"next_token_acc": [0.4] * 3}}} if name == "distill" else {})})
     text = render(r)
     assert "predicted within 5.0% of their measured speed" in text and "agrees within 1.2%" in text
     assert "| MIP (KL score) | 1.52 (1.49-1.55) | 1.5 | +1.3% | 0.3 |" in text
     assert "| +0.19 ± 0.02 | -0.01 ± 0.01 | KL | 0.25 | 9 |" in text  # greedy's paired gap, its KL sum, attention
     assert "| random child 1 | 1.52 (1.49-1.55) | 1.5 | -5.0% |" in text
     assert "## 03 + 04 FFN Fusion after the same KD budget" in text
-    assert "| fused child | fused | 24,576 | 0.3 ± 0.01 | 0.37 ± 0.01 | 0.925 | 1.7 |" in text
+    # retention with its paired SE where the parent's per-chunk accuracy is there (std(0, .01, -.01)/√3/0.4)
+    assert "| fused child | fused | 24,576 | 0.3 ± 0.01 | 0.37 ± 0.01 | 0.925 ± 0.014 | 1.7 |" in text
+    assert "| unfused child | child | 24,576 | 0.28 ± 0.01 | 0.38 ± 0.01 | 0.95 | 1.5 |" in text
     assert "fused − unfused KL: +0.02 ± 0 (paired over 3 chunks; beyond 2 SE)" in text

@@ -1,0 +1,106 @@
+"""Our batched decoding (common.generate: finished rows leave the batch) vs transformers' `model.generate`
+(every row decodes until the longest ends), the same model, prompts, batches and greedy rule, one run.
+
+    python benchmarks/bench_generate.py                       # runs/smol/sft_parent, 06's held-out math, on and off
+    python benchmarks/bench_generate.py --model runs/smol/sft --problems 64 --rounds 5
+
+Each round times both sides on every mode, the side order flipped each round (machine drift hits both); the
+table gives the median wall time per side, the ratio ours / transformers (median and min-max over the rounds),
+how many completions are token-identical between the two (greedy: all of them, up to bf16 ties), and the mean
+completion length against the budget (the share of decode steps transformers spends on finished rows).
+The budgets default to 06's evaluation (320 tokens with thinking on, 96 off) at its batch size 32.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from transformers import GenerationConfig  # noqa: E402
+
+from common.checkpoint import load_checkpoint  # noqa: E402
+from common.data import build_messages, render_prompt  # noqa: E402
+from common.dist import autocast_ctx, resolve_dtype  # noqa: E402
+from common.evaluate import problem_text  # noqa: E402
+from common.generate import _eos_ids, generate  # noqa: E402
+from data_gen.math_problems import eval_problems  # noqa: E402
+
+
+@torch.no_grad()
+def hf_generate(model, tokenizer, prompts, max_new_tokens, batch_size):
+    """The same batches as common.generate (rows sorted by prompt length, left padding), decoded by HF generate."""
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
+                           pad_token_id=pad)
+    enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    outs = [None] * len(enc)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        width = max(len(enc[i]) for i in rows)
+        ids = torch.tensor([[pad] * (width - len(enc[i])) + enc[i] for i in rows])
+        mask = torch.tensor([[0] * (width - len(enc[i])) + [1] * len(enc[i]) for i in rows])
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, width:]
+        for r, i in enumerate(rows):
+            new = out[r].tolist()
+            end = next((k + 1 for k, t in enumerate(new) if t in eos), len(new))
+            outs[i] = new[:end]
+    return outs
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="runs/smol/sft_parent", help="a checkpoint that answers in the chat format")
+    p.add_argument("--problems", type=int, default=64, help="06's held-out math problems per mode")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=320, help="thinking on")
+    p.add_argument("--max-new-tokens-off", type=int, default=96, help="thinking off")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if not os.path.exists(os.path.join(args.model, "config.json")):
+        sys.exit(f"error: {args.model} is not a checkpoint directory; pass --model DIR (e.g. runs/smol/sft_parent "
+                 f"after run.sh's 05)")
+    model, tok = load_checkpoint(args.model)
+    model.eval()
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    problems = eval_problems(args.problems, seed=0)
+    modes = {"on": args.max_new_tokens, "off": args.max_new_tokens_off}
+    prompts = {m: [render_prompt(tok, build_messages(problem_text(q), m == "on")) for q in problems] for m in modes}
+    sides = {
+        "ours": lambda m: [o[0][1] for o in generate(model, tok, prompts[m], max_new_tokens=modes[m],
+                                                     batch_size=args.batch_size, return_ids=True)],
+        "transformers": lambda m: hf_generate(model, tok, prompts[m], modes[m], args.batch_size),
+    }
+    times = {(s, m): [] for s in sides for m in modes}
+    outs = {}
+    with autocast_ctx(torch.device("cpu"), dtype):
+        for r in range(args.rounds):
+            for s in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                for m in modes:
+                    t = time.perf_counter()
+                    outs[s, m] = sides[s](m)
+                    times[s, m].append(time.perf_counter() - t)
+                    print(f"round {r + 1}/{args.rounds} {s:12s} thinking {m}: {times[s, m][-1]:.1f} s", flush=True)
+    print(f"\n{args.model}, {len(problems)} problems per mode, batch {args.batch_size}, greedy, {dtype} "
+          f"autocast, {args.threads} threads, {args.rounds} interleaved rounds")
+    print("| thinking | budget | mean tokens | ours s | transformers s | ours / transformers (min-max) | identical |")
+    print("|---|---|---|---|---|---|---|")
+    for m, budget in modes.items():
+        ratios = [a / b for a, b in zip(times["ours", m], times["transformers", m])]
+        same = sum(a == b for a, b in zip(outs["ours", m], outs["transformers", m]))
+        mean_len = statistics.mean(len(o) for o in outs["ours", m])
+        print(f"| {m} | {budget} | {mean_len:.0f} | {statistics.median(times['ours', m]):.1f} | "
+              f"{statistics.median(times['transformers', m]):.1f} | {statistics.median(ratios):.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) | {same}/{len(problems)} |")
+
+
+if __name__ == "__main__":
+    main()
