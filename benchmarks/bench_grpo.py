@@ -34,8 +34,9 @@ Groups whose rewards are all equal carry no gradient; ours drops them before the
 them. --reward dense adds a tiny length term to math_reward so no group is all-equal and both sides train on
 every completion (the like-for-like training cost); --reward math is what 06_grpo.py optimizes.
 
-Where the time goes (see the table's split): generation is the same HF `generate` over the same model on both
-sides and costs the same; TRL's extra time is in its training forward/backward, where its fused LM head runs
+Where the time goes (see the table's split): generation is ours (common.generate.decode, finished rows leave the
+batch) vs HF `generate` over the same model; at 64 tokens from the untrained parent nearly every completion runs
+to the limit, so the two cost about the same; TRL's extra time is in its training forward/backward, where its fused LM head runs
 its torch fallback on CPU (the Triton kernel is CUDA/XPU only): it projects every prompt and completion position
 (ours: only the completion's, logits_to_keep), also computes the entropy, and in the backward recomputes each
 logits tile and does both gradient matmuls in float32.
