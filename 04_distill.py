@@ -449,7 +449,8 @@ def main(argv=None):
         for name, m in (("parent", parent_eval), ("before KD", before), ("after KD", after)):
             if m:
                 ret, ret_se = ratio_se(m["per_seq"]["next_token_acc"], parent_eval["per_seq"]["next_token_acc"])
-                print(f"| {name} | {m['kl_parent']:.4f} | {m['next_token_acc']:.4f} | {ret:.3f} ± {ret_se:.3f} | "
+                ret = "-" if ret is None else f"{ret:.3f} ± {ret_se:.3f}"  # "-": the parent got no token right
+                print(f"| {name} | {m['kl_parent']:.4f} | {m['next_token_acc']:.4f} | {ret} | "
                       f"{m['top1_agreement']:.4f} | {m['lm_loss']:.4f} |")
         if speed:
             print("speed vs teacher (ratios, same run): " + ", ".join(f"{k} {v:.3f}" for k, v in speed["ratio"].items()))
