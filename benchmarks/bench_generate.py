@@ -26,7 +26,7 @@ from common.checkpoint import load_checkpoint  # noqa: E402
 from common.data import build_messages, render_prompt  # noqa: E402
 from common.dist import autocast_ctx, resolve_dtype  # noqa: E402
 from common.evaluate import problem_text  # noqa: E402
-from common.generate import _eos_ids, generate  # noqa: E402
+from common.generate import _eos_ids, generate, left_pad  # noqa: E402
 from data_gen.math_problems import eval_problems  # noqa: E402
 
 
@@ -42,10 +42,8 @@ def hf_generate(model, tokenizer, prompts, max_new_tokens, batch_size):
     outs = [None] * len(enc)
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
-        width = max(len(enc[i]) for i in rows)
-        ids = torch.tensor([[pad] * (width - len(enc[i])) + enc[i] for i in rows])
-        mask = torch.tensor([[0] * (width - len(enc[i])) + [1] * len(enc[i]) for i in rows])
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, width:]
+        ids, mask = left_pad([enc[i] for i in rows], pad)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, ids.shape[1]:]
         for r, i in enumerate(rows):
             new = out[r].tolist()
             end = next((k + 1 for k, t in enumerate(new) if t in eos), len(new))

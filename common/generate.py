@@ -39,6 +39,14 @@ def _decode_new(tokenizer, ids: list[int], eos_ids: set[int], drop_ids: set[int]
     return tokenizer.decode([t for t in ids if t not in drop_ids], skip_special_tokens=False)
 
 
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) for token lists, LEFT-padded: every row's last prompt token sits at the same column."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
+    return ids, mask
+
+
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int], pad: int,
            temperature: float = 0.0, top_p: float = 1.0, tick=None) -> torch.Tensor:
@@ -123,13 +131,7 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
     bar = progress(total=len(starts) * max_new_tokens, desc=desc, unit="step", disable=desc is None)
     for b, start in enumerate(starts):
         chunk = rows[start:start + batch_size]
-        seqs = [encoded[i] for i, _ in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):  # left padding: every row's last prompt token sits at the same column
-            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[r, width - len(s):] = 1
+        ids, mask = left_pad([encoded[i] for i, _ in chunk], pad)
         out = decode(model, ids.to(device), mask.to(device), max_new_tokens, eos, pad, temperature, top_p,
                      tick=lambda: bar.update(1))
         bar.update((b + 1) * max_new_tokens - bar.n)  # a batch that ended early on EOS: its other steps are done

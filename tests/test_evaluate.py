@@ -12,7 +12,7 @@ from conftest import tiny_model, tiny_tokenizer
 from common.checkpoint import save_checkpoint
 from common.evaluate import TEXT_METRICS, TextEval, evaluate_checkpoint, generation_eval, main, speed_eval
 from common.stats import gap_label, paired_diff, paired_gaps, ratio_se
-from common.generate import decode, generate
+from common.generate import decode, generate, left_pad
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -157,11 +157,9 @@ def test_decode_drops_finished_rows_without_changing_the_others():
     batch where nothing stopped, and the stopped row is padded after its EOS."""
     model, tok = tiny_model(seed=3), tiny_tokenizer()
     prompts = ["What is 12 + 30?", "The answer is", "system user assistant detailed thinking on off, a longer one"]
-    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-    width = max(map(len, enc))
-    ids = torch.tensor([[0] * (width - len(e)) + e for e in enc])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
     never, pad = [10**6], tok.pad_token_id
+    ids, mask = left_pad([tok(p, add_special_tokens=False).input_ids for p in prompts], pad)
+    assert mask.sum(1).tolist() == [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
     full = decode(model, ids, mask, 12, never, pad)
     others = set(full[1:].flatten().tolist())
     k, stop = next((k, t) for k, t in enumerate(full[0].tolist()) if t not in others and k < 11)  # only row 0 has it
