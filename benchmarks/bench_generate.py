@@ -3,12 +3,18 @@
 
     python benchmarks/bench_generate.py                       # runs/smol/sft_parent, 06's held-out math, on and off
     python benchmarks/bench_generate.py --model runs/smol/sft --problems 64 --rounds 5
+    python benchmarks/bench_generate.py --group-size 8 --problems 16 --batch-size 64 --max-new-tokens 256 \
+        --max-new-tokens-off 64              # 06's rollouts: 8 samples per prompt at temperature 1
 
 Each round times both sides on every mode, the side order flipped each round (machine drift hits both); the
 table gives the median wall time per side, the ratio ours / transformers (median and min-max over the rounds),
 how many completions are token-identical between the two (greedy: all of them, up to bf16 ties), and the mean
 completion length against the budget (the share of decode steps transformers spends on finished rows).
 The budgets default to 06's evaluation (320 tokens with thinking on, 96 off) at its batch size 32.
+--group-size G samples G completions per problem at temperature 1 (RL's groups): ours prefills each prompt once
+and shares its KV cache with the G rows, transformers (num_return_sequences) prefills all G. Both sides start
+each round from the same seed, so they draw the same tokens until the first row finishes; then ours samples for
+fewer rows, the random stream shifts, and the completions differ (the "identical" column counts what is left).
 """
 
 import argparse
@@ -31,24 +37,27 @@ from data_gen.math_problems import eval_problems  # noqa: E402
 
 
 @torch.no_grad()
-def hf_generate(model, tokenizer, prompts, max_new_tokens, batch_size):
-    """The same batches as common.generate (rows sorted by prompt length, left padding), decoded by HF generate."""
+def hf_generate(model, tokenizer, prompts, max_new_tokens, batch_size, group=1):
+    """The same batches as common.generate (prompts sorted by length, left padding, a prompt's `group` samples
+    in one batch), decoded by HF generate: greedy, or with group > 1 sampled at temperature 1 (top_k 0)."""
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
-                           pad_token_id=pad)
+    sample = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if group > 1 else dict(do_sample=False)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=eos, pad_token_id=pad,
+                           num_return_sequences=group, **sample)
     enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
-    outs = [None] * len(enc)
-    for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
+    outs = [[] for _ in enc]
+    per_batch = max(1, batch_size // group)
+    for s in range(0, len(order), per_batch):
+        rows = order[s:s + per_batch]
         ids, mask = left_pad([enc[i] for i in rows], pad)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, ids.shape[1]:]
-        for r, i in enumerate(rows):
+        for r in range(out.shape[0]):
             new = out[r].tolist()
             end = next((k + 1 for k, t in enumerate(new) if t in eos), len(new))
-            outs[i] = new[:end]
-    return outs
+            outs[rows[r // group]].append(new[:end])
+    return [x for o in outs for x in o]
 
 
 def main():
@@ -61,6 +70,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--group-size", type=int, default=1, help="> 1: that many samples per problem at temperature 1")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not os.path.exists(os.path.join(args.model, "config.json")):
@@ -72,10 +82,11 @@ def main():
     problems = eval_problems(args.problems, seed=0)
     modes = {"on": args.max_new_tokens, "off": args.max_new_tokens_off}
     prompts = {m: [render_prompt(tok, build_messages(problem_text(q), m == "on")) for q in problems] for m in modes}
+    G, T = args.group_size, 1.0 if args.group_size > 1 else 0.0
     sides = {
-        "ours": lambda m: [o[0][1] for o in generate(model, tok, prompts[m], max_new_tokens=modes[m],
-                                                     batch_size=args.batch_size, return_ids=True)],
-        "transformers": lambda m: hf_generate(model, tok, prompts[m], modes[m], args.batch_size),
+        "ours": lambda m: [x[1] for o in generate(model, tok, prompts[m], n=G, temperature=T, max_new_tokens=modes[m],
+                                                  batch_size=args.batch_size, return_ids=True) for x in o],
+        "transformers": lambda m: hf_generate(model, tok, prompts[m], modes[m], args.batch_size, G),
     }
     times = {(s, m): [] for s in sides for m in modes}
     outs = {}
@@ -83,11 +94,13 @@ def main():
         for r in range(args.rounds):
             for s in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
                 for m in modes:
+                    torch.manual_seed(r)  # sampled (--group-size): both sides draw from the same seed
                     t = time.perf_counter()
                     outs[s, m] = sides[s](m)
                     times[s, m].append(time.perf_counter() - t)
                     print(f"round {r + 1}/{args.rounds} {s:12s} thinking {m}: {times[s, m][-1]:.1f} s", flush=True)
-    print(f"\n{args.model}, {len(problems)} problems per mode, batch {args.batch_size}, greedy, {dtype} "
+    how = f"{G} samples per problem at temperature 1" if G > 1 else "greedy"
+    print(f"\n{args.model}, {len(problems)} problems per mode, batch {args.batch_size}, {how}, {dtype} "
           f"autocast, {args.threads} threads, {args.rounds} interleaved rounds")
     print("| thinking | budget | mean tokens | ours s | transformers s | ours / transformers (min-max) | identical |")
     print("|---|---|---|---|---|---|---|")
@@ -97,7 +110,7 @@ def main():
         mean_len = statistics.mean(len(o) for o in outs["ours", m])
         print(f"| {m} | {budget} | {mean_len:.0f} | {statistics.median(times['ours', m]):.1f} | "
               f"{statistics.median(times['transformers', m]):.1f} | {statistics.median(ratios):.2f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) | {same}/{len(problems)} |")
+              f"({min(ratios):.2f}-{max(ratios):.2f}) | {same}/{len(outs['ours', m])} |")
 
 
 if __name__ == "__main__":

@@ -49,16 +49,19 @@ def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int], pad: int,
-           temperature: float = 0.0, top_p: float = 1.0, tick=None) -> torch.Tensor:
-    """(B, max_new_tokens) new token ids for a LEFT-padded batch, `pad` after a row's first EOS (as HF generate).
+           temperature: float = 0.0, top_p: float = 1.0, tick=None, copies: int = 1) -> torch.Tensor:
+    """(B * copies, max_new_tokens) new token ids for a LEFT-padded batch of B prompts, `pad` after a row's first
+    EOS (as HF generate); row b * copies + j is the j-th completion of prompt b.
 
     Greedy when temperature == 0; else transformers' TemperatureLogitsWarper and TopPLogitsWarper (top_k 0: the
     full distribution, as vLLM) then one multinomial draw per row, HF's sampling step. Positions count only real
     tokens (cumsum of the mask, HF's rule), so a row's tokens do not depend on its padding. A row that emits EOS
     leaves the batch and its KV cache (`Cache.batch_select_indices`); the loop ends when no row is left.
+    `copies` > 1 (RL's groups): each prompt is prefilled once and its KV cache copied to its `copies` rows, where
+    HF generate (num_return_sequences) prefills every copy; sampling then draws each row on its own.
     `tick()` runs once per decode step (the progress bar).
     """
-    B, device = ids.shape[0], ids.device
+    B, device = ids.shape[0] * copies, ids.device
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     warp = LogitsProcessorList(([TemperatureLogitsWarper(temperature)] if temperature > 0 else []) +
                                ([TopPLogitsWarper(top_p)] if temperature > 0 and top_p < 1 else []))
@@ -67,6 +70,9 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     logits, cache, pos = res.logits[:, -1].float(), res.past_key_values, pos[:, -1:] + 1
+    if copies > 1:  # one prefill per prompt, its cache shared out to the prompt's rows
+        cache.batch_repeat_interleave(copies)
+        logits, mask, pos = (t.repeat_interleave(copies, dim=0) for t in (logits, mask, pos))
     for t in range(max_new_tokens):
         if temperature > 0:
             tok = torch.multinomial(torch.softmax(warp(None, logits), dim=-1), 1).squeeze(1)
@@ -103,7 +109,7 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
     """n completions per prompt; greedy when temperature == 0 (then the n copies are identical).
 
     `model` is a causal LM (ours or any HF one) or a VLLMGenerator. `batch_size` counts rows (prompt x sample)
-    per decode batch. `stop` strings end a completion and are cut from it (after decoding).
+    per decode batch; a prompt's n samples share one batch (and one prefill when sampled). `stop` strings end a completion and are cut from it (after decoding).
     return_ids=True (RL): outs[i][j] is (text, ids), ids the sampled token ids up to and including the first
     EOS (absent when the completion ran into max_new_tokens), exactly the tokens the policy chose.
     desc: show a progress bar (master rank) over the decode steps of all batches, max_new_tokens per batch.
@@ -123,19 +129,20 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
     drop = set(tokenizer.all_special_ids) - {vocab[t] for t in THINK_TAGS if t in vocab}
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     greedy_copies = n if temperature == 0 else 1  # greedy: decode once, copy
-    rows = [(i, j) for i in range(len(prompts)) for j in range(n // greedy_copies)]
-    rows.sort(key=lambda r: len(encoded[r[0]]))
+    copies = n // greedy_copies  # sampled: each prompt prefilled once, decoded n times (decode's copies)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    per_batch = max(1, batch_size // copies)  # prompts per decode batch of ~batch_size rows
     outs: list[list] = [[] for _ in prompts]
     device = next(model.parameters()).device
-    starts = range(0, len(rows), batch_size)
+    starts = range(0, len(order), per_batch)
     bar = progress(total=len(starts) * max_new_tokens, desc=desc, unit="step", disable=desc is None)
     for b, start in enumerate(starts):
-        chunk = rows[start:start + batch_size]
-        ids, mask = left_pad([encoded[i] for i, _ in chunk], pad)
+        chunk = order[start:start + per_batch]
+        ids, mask = left_pad([encoded[i] for i in chunk], pad)
         out = decode(model, ids.to(device), mask.to(device), max_new_tokens, eos, pad, temperature, top_p,
-                     tick=lambda: bar.update(1))
+                     tick=lambda: bar.update(1), copies=copies)
         bar.update((b + 1) * max_new_tokens - bar.n)  # a batch that ended early on EOS: its other steps are done
-        for r, (i, _) in enumerate(chunk):
+        for r, i in enumerate(i for i in chunk for _ in range(copies)):
             new = out[r].tolist()
             text = _stop_at(_decode_new(tokenizer, new, set(eos), drop), stop)
             if return_ids:

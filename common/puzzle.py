@@ -184,7 +184,8 @@ def embed(model, ids):
 
 
 @torch.no_grad()
-def replace_one_block_scores(model, held, pairs, states, batch_size, autocast, reference=None, base=None):
+def replace_one_block_scores(model, held, pairs, states, batch_size, autocast, reference=None, base=None,
+                             chunk_rows=32):
     """{pair_key: {kl, lm_loss, next_token_acc, top1_agreement}} for every block in `pairs` [(layer, attention
     entry, FFN entry)]: the pair replaces its whole layer of `model`, alone; "__base__": `model` itself.
     KL is to `reference`'s next-token distribution (default: `model`'s own, i.e. the parent scoring itself).
@@ -192,7 +193,7 @@ def replace_one_block_scores(model, held, pairs, states, batch_size, autocast, r
     rescoring: a child), so a pair's entry is swapped in only where it differs; `states` {entry key: weights}.
     Subblock scores do not add up (on SmolLM2, layer 2's attention-removal KL + FFN-removal KL is 1.50, removing the
     layer costs 1.06), so Puzzle scores the block. The model's activations up to each layer are computed once: a
-    block at layer l runs layers l..L-1 only (on average half a forward)."""
+    block at layer l runs layers l..L-1 only (on average half a forward). `chunk_rows`: tokens per vocabulary pass."""
     L, base = model.config.num_hidden_layers, base or {}
     cache = []  # per batch: ids, layer inputs [L+1], rope, the reference's probabilities, sum p log p, its top-1
     with autocast():
@@ -210,8 +211,10 @@ def replace_one_block_scores(model, held, pairs, states, batch_size, autocast, r
             p = plogp.exp()
             cache.append((ids, hs, rope, p, (p * plogp).sum(-1), plogp.argmax(-1)))
 
-    def metrics_from(l):
-        """KL(p||q) = sum p log p - (sum p z - logsumexp z) for the child's logits z: two passes over the vocab."""
+    def metrics_from(l, rows=chunk_rows):
+        """KL(p||q) = sum p log p - (sum p z - logsumexp z) for the child's logits z. The vocabulary-wide passes
+        run over `rows` tokens at a time, in float32 from the bf16/f32 logits, so a chunk stays in cache (135M parent,
+        8 x 128 tokens: ~0.05 s per block against 0.15-0.5 s for whole-batch passes, then half of 01's scoring)."""
         tot = {"kl": 0.0, "lm_loss": 0.0, "next_token_acc": 0.0, "top1_agreement": 0.0}
         n = 0
         for ids, hs, rope, p, neg_ent, ptop in cache:
@@ -219,17 +222,20 @@ def replace_one_block_scores(model, held, pairs, states, batch_size, autocast, r
                 x = hs[l]
                 for layer in model.model.layers[l:]:
                     x = layer(x, rope)
-                z = model.lm_head(model.model.norm(x)).float()
-            lse = torch.logsumexp(z, -1)
-            top = z.argmax(-1)
-            tok = ids.numel()
-            tot["kl"] += (neg_ent - (p * z).sum(-1) + lse).sum().item()
-            tot["top1_agreement"] += (top == ptop).sum().item()
-            nxt = ids[:, 1:]
-            nll = lse[:, :-1] - z[:, :-1].gather(-1, nxt[..., None])[..., 0]
-            tot["lm_loss"] += nll.sum().item() * tok / nxt.numel()
-            tot["next_token_acc"] += (top[:, :-1] == nxt).float().sum().item() * tok / nxt.numel()
-            n += tok
+                logits = model.lm_head(model.model.norm(x))
+            B, T, V = logits.shape
+            nxt = torch.cat([ids[:, 1:], ids.new_full((B, 1), -1)], 1).reshape(-1)  # -1: the last position has none
+            zs, ps = logits.reshape(-1, V), p.reshape(-1, V)
+            for i in range(0, B * T, rows):
+                z = zs[i:i + rows].float()
+                lse, top = torch.logsumexp(z, -1), z.argmax(-1)
+                tot["kl"] += (neg_ent.reshape(-1)[i:i + rows] - torch.linalg.vecdot(ps[i:i + rows], z) + lse).sum().item()
+                tot["top1_agreement"] += (top == ptop.reshape(-1)[i:i + rows]).sum().item()
+                t, has = nxt[i:i + rows], nxt[i:i + rows] >= 0
+                nll = lse[has] - z[has].gather(-1, t[has][:, None])[:, 0]
+                tot["lm_loss"] += nll.sum().item() * T / (T - 1)
+                tot["next_token_acc"] += (top[has] == t[has]).sum().item() * T / (T - 1)
+            n += B * T
         return {k: v / n for k, v in tot.items()}
 
     def holds(l, e):  # does the model already have this entry at its layer?

@@ -199,12 +199,13 @@ def train_on_rollout(model, optimizer, rollout: Rollout, rewards: torch.Tensor, 
     K = max(1, cfg.steps_per_rollout)
     minibatches = [groups[k::K] for k in range(K)]
     all_rows = [g * G + j for g in groups for j in range(G)]
+    later = [g * G + j for mb in minibatches[1:] for g in mb for j in range(G)]  # rows trained after an update
     old = {}
-    if K > 1 and all_rows and old_logprobs is not None:
-        old = {r: old_logprobs[r] for r in all_rows}
-    elif K > 1 and all_rows:  # pi_old = the policy that sampled, before the first update
-        model.eval()
-        old = rollout_logprobs(model, rollout, all_rows, pad_id, device, cfg.micro_batch, cfg.dtype)
+    if old_logprobs is not None:
+        old = {r: old_logprobs[r] for r in later}
+    elif later:  # pi_old = the policy that sampled, before the first update; the first minibatch trains on that
+        model.eval()  # policy itself, so its pi_old is its own log-probs, detached (no extra forward)
+        old = rollout_logprobs(model, rollout, later, pad_id, device, cfg.micro_batch, cfg.dtype)
         stats["old_logp_seconds"] = time.perf_counter() - t0
     ref = rollout_logprobs(ref_model, rollout, all_rows, pad_id, device, cfg.micro_batch, cfg.dtype) \
         if cfg.beta > 0 and ref_model is not None and all_rows else {}
@@ -222,7 +223,7 @@ def train_on_rollout(model, optimizer, rollout: Rollout, rewards: torch.Tensor, 
             b = pad_rows([rollout.prompt_ids[r] for r in chunk], [rollout.completion_ids[r] for r in chunk], pad_id)
             mask = b["completion_mask"].to(device)
             logp = completion_logprobs(model, b, device, cfg.dtype)
-            old_lp = _stack(old, chunk, mask.shape[1]).to(device) if old else logp.detach()
+            old_lp = _stack(old, chunk, mask.shape[1]).to(device) if stats["optimizer_steps"] else logp.detach()
             per_tok, clipped = clipped_surrogate(logp, old_lp, adv[chunk].to(device), cfg.eps_low, cfg.eps_high)
             if ref:
                 kl = kl_k3(logp, _stack(ref, chunk, mask.shape[1]).to(device))

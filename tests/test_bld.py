@@ -153,6 +153,16 @@ def test_scores_in_a_childs_context_are_direct_kls_to_the_parent(lib):
             return (plogp.exp() * (plogp - logp)).sum(-1).mean().item()
 
         assert got["__base__"]["kl"] == pytest.approx(kl(choice), rel=1e-4)
+        # the other scores, with vocabulary chunks that straddle sequences (5 rows) and that do not (default)
+        z = base(held).logits.float()
+        nll = F.cross_entropy(z[:, :-1].flatten(0, 1), held[:, 1:].flatten())
+        acc = (z[:, :-1].argmax(-1) == held[:, 1:]).float().mean()
+        agree = (z.argmax(-1) == plogp.argmax(-1)).float().mean()
+        odd = replace_one_block_scores(base, held, [], states, 2, torch.no_grad, reference=parent, base=choice,
+                                       chunk_rows=5)["__base__"]
+        for s in (got["__base__"], odd):
+            assert (s["lm_loss"], s["next_token_acc"], s["top1_agreement"]) == pytest.approx(
+                (nll.item(), acc.item(), agree.item()), rel=1e-4)
         for (l, a, f), sw in zip(pairs, swaps):
             assert got[pair_key(l, a["name"], f["name"])]["kl"] == pytest.approx(kl({**choice, **sw}), rel=1e-4)
     assert base(held).logits.sub(assemble_child(parent, out, entries, choice)(held).logits).abs().max() == 0  # undone

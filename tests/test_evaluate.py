@@ -152,6 +152,24 @@ def test_sampled_decode_draws_what_hf_generate_draws():
         assert out.tolist() == ref.tolist()
 
 
+def test_one_prefill_per_group_draws_what_hf_generate_draws_for_its_copies():
+    """copies=3: the prompt is prefilled once and its cache shared by three rows; under one seed the rows sample
+    exactly what model.generate draws with num_return_sequences=3 (which prefills all three), with prompts of
+    other lengths in the batch; greedy copies equal the prompt decoded alone."""
+    model, tok = tiny_model(seed=3), tiny_tokenizer()
+    prompts = ["What is 12 + 30?", "system user assistant detailed thinking on off, a longer one"]
+    ids, mask = left_pad([tok(p, add_special_tokens=False).input_ids for p in prompts], tok.pad_token_id)
+    torch.manual_seed(5)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=1.0, top_k=0,
+                         num_return_sequences=3, eos_token_id=[10**6], pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    torch.manual_seed(5)
+    out = decode(model, ids, mask, 12, [10**6], tok.pad_token_id, 1.0, copies=3)
+    assert out.shape == (6, 12) and out.tolist() == ref.tolist()
+    assert len({tuple(r) for r in out.tolist()}) > 2  # the copies are separate draws, not one row repeated
+    greedy = decode(model, ids, mask, 12, [10**6], tok.pad_token_id, copies=2)
+    assert greedy.tolist() == decode(model, ids, mask, 12, [10**6], tok.pad_token_id).repeat_interleave(2, 0).tolist()
+
+
 def test_decode_drops_finished_rows_without_changing_the_others():
     """A row that stops early leaves the batch and its KV cache: the other rows' tokens are exactly those of a
     batch where nothing stopped, and the stopped row is padded after its EOS."""

@@ -144,6 +144,33 @@ def test_micro_batching_does_not_change_the_update():
         assert k1 == k2 and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
 
 
+def test_second_minibatch_ratio_is_to_the_sampling_policy(monkeypatch):
+    """Two optimizer steps per rollout: pi_old is computed only for the second minibatch's rows (the first trains
+    on the sampling policy itself: its pi_old is its own detached log-probs); the weights equal those of the same
+    update given pi_old of every row up front, and the second step's ratios are to the sampler (tokens clip)."""
+    import common.rl as rl
+
+    torch.manual_seed(1)
+    base, tok = tiny_model(), tiny_tokenizer()
+    ro = sample_rollout(base, tok, ["a b", "c d e f", "g h"], group_size=4, max_new_tokens=6, dtype=torch.float32)
+    r = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25, 0.0, 0.0, 1.0, 0.5])
+    cfg = PolicyLossConfig(steps_per_rollout=2, micro_batch=4, grad_clip=1e9, eps_low=0.05, eps_high=0.05,
+                           dtype=torch.float32)
+    every = rl.rollout_logprobs(base.eval(), ro, list(range(12)), tok.pad_token_id, torch.device("cpu"), 4,
+                                torch.float32)
+    asked, real = [], rl.rollout_logprobs
+    monkeypatch.setattr(rl, "rollout_logprobs", lambda m, ro_, rows, *a: asked.append(sorted(rows)) or real(m, ro_, rows, *a))
+    ws, stats = [], []
+    for old in (None, every):
+        m = copy.deepcopy(base)
+        stats.append(train_on_rollout(m, torch.optim.SGD(m.parameters(), lr=3.0), ro, r, cfg, torch.device("cpu"),
+                                      tok.pad_token_id, old_logprobs=old))
+        ws.append(m.state_dict())
+    assert asked == [[4, 5, 6, 7]]  # groups 0 and 2 train first, group 1 after the update
+    assert [s["optimizer_steps"] for s in stats] == [2, 2] and stats[0]["clip_fraction"] > 0
+    assert all(torch.allclose(ws[0][n], ws[1][n], atol=1e-6) for n in ws[0])
+
+
 def test_zero_signal_groups_are_skipped():
     torch.manual_seed(2)
     model, tok = tiny_model(), tiny_tokenizer()
