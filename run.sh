@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded parent (SmolLM2-135M-Instruct), CPU-sized budgets, ending with the results
 # tables. Each stage is skipped when its output is already complete, so a crashed run.sh resumes where it stopped.
-#   bash run.sh                 # runs/smol: ~77 min of stages on a 2-core avx512_bf16 CPU (01-05 33 min, 06-07 44 min)
+#   bash run.sh                 # runs/smol: ~72 min of stages on a 2-core avx512_bf16 CPU (01-05 31 min, 06-07 and evaluations 42 min)
 #   NAME=exp2 bash run.sh       # another run directory
 # Larger budgets (GPU) are flags of each stage script; see the README.
 set -euo pipefail

@@ -109,7 +109,8 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
     """n completions per prompt; greedy when temperature == 0 (then the n copies are identical).
 
     `model` is a causal LM (ours or any HF one) or a VLLMGenerator. `batch_size` counts rows (prompt x sample)
-    per decode batch; a prompt's n samples share one batch (and one prefill when sampled). `stop` strings end a completion and are cut from it (after decoding).
+    per decode batch; a prompt's n samples share one batch (and one prefill when sampled). `stop` strings end a
+    completion and are cut from it (after decoding).
     return_ids=True (RL): outs[i][j] is (text, ids), ids the sampled token ids up to and including the first
     EOS (absent when the completion ran into max_new_tokens), exactly the tokens the policy chose.
     desc: show a progress bar (master rank) over the decode steps of all batches, max_new_tokens per batch.
