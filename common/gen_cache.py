@@ -37,7 +37,8 @@ from common.dist import print0
 from common.generate import _eos_ids, generate
 
 # config keys that say where a model came from, not what it computes (the weights' dtype is hashed with them)
-_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_commit_hash"}
+_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_commit_hash",
+                "auto_map"}
 
 
 def add_gen_cache_args(p) -> None:

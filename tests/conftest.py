@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import math
 import os
 import sys
 
@@ -13,6 +14,11 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
 from common.model import DeciLMConfig, DeciLMForCausalLM, parent_block  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs stage scripts in subprocesses or on the real parent (seconds to "
+                                       "minutes); the inner loop skips them with -m 'not slow'")
 
 
 def tiny_config(num_layers=4, hidden=64, heads=4, kv_heads=2, vocab=512, blocks=None, **kw) -> DeciLMConfig:
@@ -32,6 +38,28 @@ def tiny_model(seed=0, **kw) -> DeciLMForCausalLM:
 @pytest.fixture
 def tiny():
     return tiny_model()
+
+
+# ----------------------------------------------------------------------------
+# Tolerances: the error a float32 computation can have on any x86 CPU, not what one CPU gave
+
+F32_EPS = torch.finfo(torch.float32).eps  # 1.19e-7
+
+
+def f32_atol(logits: torch.Tensor, ulps: int = 16) -> float:
+    """Absolute error of a quantity made from float32 logits (a log-prob, a mean KL, a cross entropy) when two float32
+    paths compute it (other kernels, another summation order: AVX2 vs AVX-512, another batch shape): the logits differ
+    by a few ulps of their magnitude, log_softmax adds a few ulps of |logit| + log V, and a KL or a mean is a
+    weighted average of such differences (weights summing to 1), so its error is bounded by the same scale. 16 ulps
+    leaves room; a real bug (a wrong block, a wrong mask) moves these quantities by orders of magnitude more."""
+    return ulps * F32_EPS * (logits.detach().abs().max().item() + math.log(logits.shape[-1]))
+
+
+def near_ties(logits: torch.Tensor, atol: float) -> float:
+    """Fraction of positions whose top two logits are within 2 * atol: an argmax-based rate (accuracy, agreement)
+    computed along two float32 paths can differ by this much, since such a position may flip."""
+    top = logits.detach().float().topk(2, dim=-1).values
+    return ((top[..., 0] - top[..., 1]) <= 2 * atol).float().mean().item()
 
 
 # ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_model, tiny_tokenizer
+from conftest import F32_EPS, ROOT, f32_atol, near_ties, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from common.checkpoint import save_checkpoint
@@ -110,10 +110,11 @@ def test_every_block_is_scored_by_replacing_its_whole_layer(lib):
         plogp = F.log_softmax(parent(held).logits.float(), -1)
         set_subblock(parent, 1, "attention", AttentionConfig(no_op=True), None)
         set_subblock(parent, 1, "ffn", FFNConfig(no_op=True), None)
-        logp = F.log_softmax(parent(held).logits.float(), -1)
+        z = parent(held).logits.float()
+        logp = F.log_softmax(z, -1)
     kl = (plogp.exp() * (plogp - logp)).sum(-1).mean().item()
     both = pairs[pair_key(1, "no_op", "no_op")]["kl"]
-    assert both == pytest.approx(kl, rel=1e-3)
+    assert both == pytest.approx(kl, rel=0, abs=f32_atol(z))
     parts = pairs[pair_key(1, "no_op", "w512")]["kl"] + pairs[pair_key(1, "kv2", "no_op")]["kl"]
     assert abs(both - parts) > 1e-3 * both  # the subblock scores do not add up to the block's
     assert scores["variants"][variant_key(1, "ffn", "no_op")] == pairs[pair_key(1, "kv2", "no_op")]
@@ -145,26 +146,35 @@ def test_scores_in_a_childs_context_are_direct_kls_to_the_parent(lib):
         pairs.append((l, entries[(l, "attention", new[(l, "attention")])], entries[(l, "ffn", new[(l, "ffn")])]))
     base = assemble_child(parent, out, entries, choice)
     got = replace_one_block_scores(base, held, pairs, states, 2, torch.no_grad, reference=parent, base=choice)
+    # two float32 paths (one model swapped in place, chunked vocabulary passes; a fresh child, whole passes) agree to
+    # float32's error on any CPU (conftest.f32_atol), not to what one CPU's kernels gave
     with torch.no_grad():
-        plogp = F.log_softmax(parent(held).logits.float(), -1)
+        pz = parent(held).logits.float()
+        plogp = F.log_softmax(pz, -1)
 
         def kl(ch):
-            logp = F.log_softmax(assemble_child(parent, out, entries, ch)(held).logits.float(), -1)
-            return (plogp.exp() * (plogp - logp)).sum(-1).mean().item()
+            z = assemble_child(parent, out, entries, ch)(held).logits.float()
+            logp = F.log_softmax(z, -1)
+            return (plogp.exp() * (plogp - logp)).sum(-1).mean().item(), max(f32_atol(z), f32_atol(pz))
 
-        assert got["__base__"]["kl"] == pytest.approx(kl(choice), rel=1e-4)
+        direct, tol = kl(choice)
+        assert got["__base__"]["kl"] == pytest.approx(direct, rel=0, abs=tol)
         # the other scores, with vocabulary chunks that straddle sequences (5 rows) and that do not (default)
         z = base(held).logits.float()
         nll = F.cross_entropy(z[:, :-1].flatten(0, 1), held[:, 1:].flatten())
         acc = (z[:, :-1].argmax(-1) == held[:, 1:]).float().mean()
         agree = (z.argmax(-1) == plogp.argmax(-1)).float().mean()
+        tol = f32_atol(z)
+        flips = near_ties(z, tol) + near_ties(pz, tol)  # argmax rates may differ by the positions that can flip
         odd = replace_one_block_scores(base, held, [], states, 2, torch.no_grad, reference=parent, base=choice,
                                        chunk_rows=5)["__base__"]
         for s in (got["__base__"], odd):
-            assert (s["lm_loss"], s["next_token_acc"], s["top1_agreement"]) == pytest.approx(
-                (nll.item(), acc.item(), agree.item()), rel=1e-4)
+            assert s["lm_loss"] == pytest.approx(nll.item(), rel=0, abs=tol)
+            assert s["next_token_acc"] == pytest.approx(acc.item(), rel=0, abs=flips + F32_EPS)
+            assert s["top1_agreement"] == pytest.approx(agree.item(), rel=0, abs=flips + F32_EPS)
         for (l, a, f), sw in zip(pairs, swaps):
-            assert got[pair_key(l, a["name"], f["name"])]["kl"] == pytest.approx(kl({**choice, **sw}), rel=1e-4)
+            direct, tol = kl({**choice, **sw})
+            assert got[pair_key(l, a["name"], f["name"])]["kl"] == pytest.approx(direct, rel=0, abs=tol)
     assert base(held).logits.sub(assemble_child(parent, out, entries, choice)(held).logits).abs().max() == 0  # undone
 
 
@@ -202,6 +212,7 @@ def same_library(a, b, atol=1e-5):
         assert sa[k]["kl"] == pytest.approx(sb[k]["kl"], rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bld_two_gloo_ranks_match_one_rank(lib):
     root, out = lib
     out2 = os.path.join(root, "library_2ranks")

@@ -38,6 +38,7 @@ def grads(tmp_path_factory):
     return {**single, **double}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_two_process_gloo_gradients_match_single_process(grads, wrapper):
     single, double = grads["single"], grads[wrapper]
@@ -47,6 +48,7 @@ def test_two_process_gloo_gradients_match_single_process(grads, wrapper):
     assert worst < 1e-6
 
 
+@pytest.mark.slow
 def test_all_reduce_mean_of_a_python_float_averages_over_ranks(grads):
     assert grads["mean_rank"] == 0.5  # ranks 0 and 1
 

@@ -133,6 +133,7 @@ def one_process(ckpts):
                              "--metrics-name", "one"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_two_process_gloo_matches_one_process_with_doubled_accumulation(ckpts, one_process, wrapper):
     two_args = argv(ckpts, f"two_{wrapper}", "--max-steps", "3", "--lr", "1e-3", "--save-every", "-1",

@@ -419,10 +419,19 @@ def kill_then_resume(world, d, s):
 # Every case and every story in one pool; the tests check what was observed
 
 
+def selected_ids(session) -> set:
+    """The ids of the cases and stories the tests selected in this run (-k, -m, a node id) need."""
+    ids = set()
+    for item in session.items:
+        if item.module.__name__ == __name__ and hasattr(item, "callspec"):
+            ids.update(getattr(v, "id", v) for v in item.callspec.params.values())
+    return ids
+
+
 @pytest.fixture(scope="module")
-def results(world, tmp_path_factory):
-    """Every case and every kill story, two at a time (the long stories first): {id: what was observed}."""
-    root = str(tmp_path_factory.mktemp("cases"))
+def results(world, tmp_path_factory, request):
+    """Every selected case and kill story, two at a time (the long stories first): {id: what was observed}."""
+    root, wanted = str(tmp_path_factory.mktemp("cases")), selected_ids(request.session)
 
     def one(case):
         d = case_dir(world, os.path.join(root, case.id))
@@ -432,13 +441,14 @@ def results(world, tmp_path_factory):
         r = run([case.script, *case.args], d)
         return d, before, r, snapshot(d)
 
-    jobs = [(s.id, lambda s=s: kill_then_resume(world, os.path.join(root, s.id), s)) for s in STATEFUL]
-    jobs += [(c.id, lambda c=c: one(c)) for c in CASES]
+    jobs = [(s.id, lambda s=s: kill_then_resume(world, os.path.join(root, s.id), s)) for s in STATEFUL if s.id in wanted]
+    jobs += [(c.id, lambda c=c: one(c)) for c in CASES if c.id in wanted]
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = [(name, pool.submit(job)) for name, job in jobs]
         return {name: f.result() for name, f in futures}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_fault_gives_one_line_error_and_changes_nothing(results, case):
     d, before, r, after = results[case.id]
@@ -449,6 +459,7 @@ def test_fault_gives_one_line_error_and_changes_nothing(results, case):
 
 @pytest.mark.parametrize("case_id, bar", [("01_bld-nan-loss", "BLD"), ("04_distill-nan-loss", "kd"),
                                           ("05_sft-nan-loss", "SFT stage 1")])
+@pytest.mark.slow
 def test_nan_mid_training_closes_the_progress_bar_before_the_error(results, case_id, bar):
     """The training loop's bar is on screen when the NaN stops it; its last state is drawn before the error line."""
     r = results[case_id][2]
@@ -457,6 +468,7 @@ def test_nan_mid_training_closes_the_progress_bar_before_the_error(results, case
     assert_one_line_error(r)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s", STATEFUL, ids=lambda s: s.id)
 def test_kill9_mid_save_then_stale_states_refused_and_resume_completes(results, s):
     obs = results[s.id]

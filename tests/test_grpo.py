@@ -221,6 +221,7 @@ def _history(path):
     return json.load(open(os.path.join(path, "meta.json")))["history"]
 
 
+@pytest.mark.slow
 def test_grpo_resume_after_kill_continues_the_same_batches(grpo_dir):
     full = _grpo(grpo_dir, "full", "--steps", "10", "--save-every", "1")
     assert full.returncode == 0, full.stderr[-2000:]
@@ -244,6 +245,7 @@ def _last_line(r):
     return r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_grpo_bad_input_is_one_line(grpo_dir, tmp_path):
     (tmp_path / "notckpt").mkdir()
     r = subprocess.run([sys.executable, os.path.join(ROOT, "06_grpo.py"), "--policy", str(tmp_path / "notckpt"),
@@ -262,6 +264,7 @@ def test_grpo_bad_input_is_one_line(grpo_dir, tmp_path):
     assert not os.path.exists(grpo_dir / "noans") and not os.path.exists(grpo_dir / "badnum")
 
 
+@pytest.mark.slow
 def test_grpo_everything_filtered_names_threshold_and_counts(grpo_dir):
     ok = _grpo(grpo_dir, "cached", "--steps", "1")  # fills the pass-rate cache (a random model: all 0)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -280,6 +283,7 @@ def test_grpo_everything_filtered_names_threshold_and_counts(grpo_dir):
     os.remove(cache_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_grpo_update_on_two_ranks_equals_one_process(tmp_path, loss_type):
     """Data parallel GRPO: two ranks with two prompt groups each (one rank drops a zero-signal group, so the ranks

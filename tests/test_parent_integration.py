@@ -12,6 +12,7 @@ def parent_pair():
     return llama, llama_to_decilm(llama), tokenizer
 
 
+@pytest.mark.slow
 def test_embedded_parent_converts_with_identical_logits_and_greedy_tokens(parent_pair):
     llama, ours, tok = parent_pair
     cfg = ours.config

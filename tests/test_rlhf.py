@@ -336,6 +336,7 @@ def stage(tmp_path_factory):
     return d, runs
 
 
+@pytest.mark.slow
 def test_reward_model_stage_writes_head_pairs_and_per_kind_accuracy(stage):
     d, _ = stage
     assert os.path.isfile(d / "rm" / "COMPLETED") and os.path.isfile(d / "rm" / HEAD_FILE)
@@ -351,6 +352,7 @@ def test_reward_model_stage_writes_head_pairs_and_per_kind_accuracy(stage):
     load_reward_model(str(d / "rm"))
 
 
+@pytest.mark.slow
 def test_every_algorithm_writes_a_checkpoint_and_before_after_metrics(stage):
     d, runs = stage
     for name, r in runs.items():
@@ -371,6 +373,7 @@ def test_every_algorithm_writes_a_checkpoint_and_before_after_metrics(stage):
     assert "final_reward" in _metrics(d, "rlhf_grpo_rm")
 
 
+@pytest.mark.slow
 def test_rloo_resume_after_kill_continues_the_same_batches(stage):
     d, runs = stage
     proc = subprocess.Popen(_cmd(d, "killed", "--algo", "rloo", "--steps", "6", "--prompts-per-step", "2",
@@ -400,6 +403,7 @@ def _last_line(r):
     return r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(stage, tmp_path):
     d, _ = stage
     pairs = tmp_path / "pairs.jsonl"
@@ -422,6 +426,7 @@ def test_bad_input_is_one_line_and_writes_nothing(stage, tmp_path):
     assert os.path.isfile(d / "rpo" / "COMPLETED")
 
 
+@pytest.mark.slow
 def test_before_from_reuses_the_before_evaluation_of_the_same_policy_and_eval(stage):
     d, _ = stage
     rs = _run_all({
@@ -440,6 +445,7 @@ def test_before_from_reuses_the_before_evaluation_of_the_same_policy_and_eval(st
     assert not os.path.exists(d / "bad_before")
 
 
+@pytest.mark.slow
 def test_rpo_and_reward_model_updates_on_two_ranks_equal_one_process(tmp_path):
     """Data parallel: two ranks holding 3 and 2 of five pairs give the same weights as one process with all five
     (losses normalized by the global pair count, gradients summed across ranks)."""

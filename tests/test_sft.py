@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, tiny_model, tiny_tokenizer
 
 from common.checkpoint import load_checkpoint, save_checkpoint
@@ -25,6 +26,7 @@ def run_sft(tmp_path, *extra):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
 
 
+@pytest.mark.slow
 def test_sft_curriculum_lowers_the_loss_and_saves(tmp_path):
     r = run_sft(tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -42,6 +44,7 @@ def test_sft_curriculum_lowers_the_loss_and_saves(tmp_path):
     assert again.returncode != 0 and "already a finished checkpoint" in again.stderr
 
 
+@pytest.mark.slow
 def test_sft_without_toggle_data_fails_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     save_checkpoint(tiny_model(), tiny_tokenizer(), str(tmp_path / "parent"), stage="parent")
