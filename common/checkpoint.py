@@ -18,6 +18,12 @@ from safetensors.torch import load_file, save_file
 
 COMPLETED = "COMPLETED"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The model code every checkpoint ships, as NVIDIA's nemotron-nas checkpoints do: a process that never imported this
+# repo loads it with trust_remote_code=True (transformers' Auto classes, vLLM). common/model.py imports only torch,
+# transformers and huggingface_hub, so the copy is self-contained. Our own loading path (load_checkpoint) never
+# runs it: `import common` registers the model type, and transformers prefers registered code unless told otherwise.
+MODEL_CODE = "modeling_decilm.py"
+AUTO_MAP = {"AutoConfig": "modeling_decilm.DeciLMConfig", "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
 
 
 class CheckpointError(ValueError):
@@ -130,12 +136,29 @@ def check_checkpoint(path: str) -> None:
         raise CheckpointError(f"checkpoint {path} has no .safetensors weights; restore them or rerun the stage")
 
 
+def ship_model_code(path: str) -> None:
+    """Make the HF model directory `path` (its config.json written) loadable without this repo: copy common/model.py
+    into it as MODEL_CODE and point config.json's auto_map at it. Directories of other model types are left alone."""
+    config_path = os.path.join(path, "config.json")
+    config = read_json(config_path)
+    if config.get("model_type") != "nemotron-nas":
+        return
+    shutil.copyfile(os.path.join(REPO_ROOT, "common", "model.py"), os.path.join(path, MODEL_CODE))
+    config["auto_map"] = dict(AUTO_MAP)
+    tmp = f"{config_path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:  # transformers' own layout of config.json
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)
+
+
 def save_checkpoint(model, tokenizer, out: str, stage: str, args: dict | None = None, meta: dict | None = None,
                     extra_json: dict | None = None, overwrite: bool = False, extra_files: dict | None = None) -> str:
     """Write model + tokenizer + meta.json (+ extra JSON files such as search.json) to `out` atomically.
 
     extra_files: {name: writer(path)} for non-JSON artifacts (plots) that belong inside the checkpoint; they are
     written into the temporary directory, so they exist before COMPLETED does.
+    A nemotron-nas model also gets its model code (MODEL_CODE, config.json's auto_map: see ship_model_code), so the
+    checkpoint loads with trust_remote_code=True where this repo is not importable (vLLM, plain transformers).
     """
     out = os.path.abspath(out)
     if not overwrite:
@@ -145,6 +168,7 @@ def save_checkpoint(model, tokenizer, out: str, stage: str, args: dict | None = 
     os.makedirs(tmp)
     model = getattr(model, "module", model)  # unwrap DDP
     model.save_pretrained(tmp, safe_serialization=True)
+    ship_model_code(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     info = {"stage": stage, "args": args or {}, "git_commit": git_commit(),

@@ -1,0 +1,251 @@
+"""Every checkpoint is a vLLM model: vLLM's greedy tokens equal ours in float32, in a process that never imports
+this repo (the checkpoint ships its config code: modeling_decilm.py + auto_map).
+
+Runs in the vLLM venv (bash install_vllm.sh; .venv-vllm/bin/python -m pytest tests/test_vllm.py); elsewhere it
+skips. Three tiny random checkpoints (head_dim 64: vLLM's CPU attention has no smaller one), 24 chat prompts
+(thinking on / off) x 64 greedy tokens each:
+  parent        every layer the parent block (GQA 4 heads / 2 KV heads, FFN 1024), tied embeddings: stock vLLM
+  stock child   no-op attention, GQA with 4 / 2 / 1 KV heads, FFN widths 1024..256, no-op FFN: stock vLLM
+  linear child  linear attention and linear FFN subblocks (+ no-op attention in layer 0, GQA, no-op FFN): only
+                with the repo's plugin (vllm_plugin/); stock vLLM refuses it
+Two engine processes (stock: VLLM_PLUGINS excludes ours; plugin), about a minute each on a 2-core CPU.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+from common.checkpoint import AUTO_MAP, MODEL_CODE, check_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from common.generate import generate  # noqa: E402
+from common.model import AttentionConfig, BlockConfig, DeciLMForCausalLM, FFNConfig, parent_block  # noqa: E402
+from conftest import ROOT, tiny_config, tiny_tokenizer  # noqa: E402
+
+HELPER = os.path.join(ROOT, "tests", "_vllm_generate.py")
+NEW_TOKENS = 64
+QUESTIONS = ["What is 12 + 30?", "What is 7 x 6?", "Name a prime number.", "Spell the word assignment.",
+             "What is 99 - 57?", "Is 17 odd?", "Write a number between 1 and 9.", "What is the answer?",
+             "Add 5 and 8.", "Which is larger, 31 or 13?", "Repeat after me: thinking.", "Say hello."]
+SPECIAL_IDS = range(4)  # tiny tokenizer: <|endoftext|> <|im_end|> (EOS) <|pad|> <|im_start|>
+
+# Float32 logits of two correct implementations differ by summation order (SIMD width, FMA, oneDNN / MKL GEMM
+# blocking, vLLM's attention kernel vs SDPA, RoPE tables vs on-the-fly cos/sin): a few float32 roundings
+# (u = 6e-8) per layer, about 1e-6 of the largest |logit| for these <= 6-layer models with reductions of <= 1024
+# terms on any x86 CPU. REL_TOL allows 100x that. Where our top-1 / top-2 logit gap is within 2 * tolerance the
+# greedy choice is a tie that either side may break: a sequence is compared up to such a tie, and a divergence
+# anywhere else fails. Ties are rare (about 1 position in 1,000 here), so at least 16 of the 24 sequences must be
+# equal over all 64 tokens (on this CPU: all 24).
+REL_TOL = 1e-4
+MIN_FULL = 16
+
+
+def blk(attn="full", g=None, ffn="full", m=None) -> BlockConfig:
+    return BlockConfig(AttentionConfig(n_heads_in_group=g, no_op=attn == "no_op", replace_with_linear=attn == "linear"),
+                       FFNConfig(ffn_mult=m, no_op=ffn == "no_op", replace_with_linear=ffn == "linear"))
+
+
+# hidden 256, 4 heads (head_dim 64): ffn_mult 6.0 / 4.5 / 3.0 / 1.5 are FFN widths 1024 / 768 / 512 / 256
+MODELS = {
+    "parent": (True, [parent_block(2, 6.0)] * 4),
+    "stock_child": (False, [blk(g=1, m=6.0), blk("no_op", m=3.0), blk(g=4, m=1.5), blk(g=2, ffn="no_op"),
+                            blk("no_op", ffn="no_op"), blk(g=2, m=4.5)]),
+    "linear_child": (False, [blk("no_op", m=3.0), blk("linear", m=6.0), blk(g=2, ffn="linear"),
+                             blk("linear", ffn="linear"), blk(g=4, ffn="no_op"), blk(g=1, m=1.5)]),
+}
+STOCK, PLUGIN = ("parent", "stock_child"), ("linear_child",)
+
+
+def served_model(name: str, seed: int) -> DeciLMForCausalLM:
+    """A tiny random model whose greedy tokens are far from ties: unit-variance init (embeddings N(0, 1), each
+    matrix N(0, 4 / fan_in)) makes the layers, not the input embedding, decide the next token, so greedy text is
+    varied; special tokens' output rows are zero, so their logit (0) never beats the largest of ~500 Gaussian logits
+    and every sequence runs the full 64 tokens."""
+    tied, blocks = MODELS[name]
+    config = tiny_config(num_layers=len(blocks), hidden=256, heads=4, blocks=blocks)
+    config.tie_word_embeddings = tied
+    torch.manual_seed(seed)
+    model = DeciLMForCausalLM(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 2:
+                std = 1.0 if "embed_tokens" in pname else 2.0 / math.sqrt(p.shape[1])
+                p.normal_(0.0, std)
+        model.lm_head.weight[list(SPECIAL_IDS)] = 0.0  # tied: the embedding rows too
+    return model
+
+
+def prompts(tok) -> list[str]:
+    return [tok.apply_chat_template([{"role": "system", "content": f"detailed thinking {mode}"},
+                                     {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for mode in ("on", "off") for q in QUESTIONS]
+
+
+def run_helper(spec: dict, tmp, tag: str, plugins: str | None) -> dict:
+    """_vllm_generate.py in a fresh `python -I` (no repo on sys.path, cwd outside the repo)."""
+    spec_path, out_path = tmp / f"{tag}_spec.json", tmp / f"{tag}_out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp / f"{tag}_hf_modules"), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
+    res = subprocess.run([sys.executable, "-I", HELPER, str(spec_path), str(out_path)], cwd=tmp, env=env,
+                         capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        pytest.fail(f"{tag} vLLM run failed (rc {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return json.loads(out_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Our greedy tokens and logits, and vLLM's tokens and logprobs, for the three checkpoints."""
+    tmp = tmp_path_factory.mktemp("vllm")
+    tok = tiny_tokenizer()
+    texts = prompts(tok)
+    ours = {}
+    for seed, name in enumerate(MODELS):
+        model = served_model(name, seed)
+        path = save_checkpoint(model, tok, str(tmp / name), stage="test")
+        outs = generate(model, tok, texts, max_new_tokens=NEW_TOKENS, batch_size=len(texts), return_ids=True)
+        ids = [o[0][1] for o in outs]
+        prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        with torch.no_grad():  # the logits at each generated position (teacher-forced on our own tokens)
+            logits = [model(torch.tensor([p + g])).logits[0, len(p) - 1:len(p) - 1 + len(g)].float()
+                      for p, g in zip(prompt_ids, ids)]
+        ours[name] = {"path": path, "ids": ids, "prompt_ids": prompt_ids, "logits": logits}
+    spec = {"prompts": texts, "max_tokens": NEW_TOKENS, "logprobs": 2}
+    # stock vLLM: every vllm.general_plugins entry point except ours (a name no plugin has loads none of them)
+    stock = run_helper({**spec, "models": [{"name": n, "path": ours[n]["path"]} for n in STOCK],
+                        "refused": [{"name": n, "path": ours[n]["path"]} for n in PLUGIN]}, tmp, "stock", "none")
+    plugin = run_helper({**spec, "models": [{"name": n, "path": ours[n]["path"]} for n in PLUGIN]}, tmp, "plugin",
+                        None)
+    return {"ours": ours, "stock": stock, "plugin": plugin, "vllm": {**stock["models"], **plugin["models"]}}
+
+
+def compare(ours: dict, theirs: dict) -> dict:
+    """Token-by-token comparison of greedy sequences, up to the first tie (see REL_TOL)."""
+    full, compared, ties, failures, max_lp_err = 0, 0, 0, [], 0.0
+    for i, (a, b, logits) in enumerate(zip(ours["ids"], theirs["ids"], ours["logits"])):
+        tol = REL_TOL * logits.abs().amax(-1)  # per position
+        top = logits.topk(2, -1).values
+        gap = top[:, 0] - top[:, 1]
+        logprobs = torch.log_softmax(logits, -1)
+        n = 0
+        for t, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                if gap[t] <= 2 * tol[t]:
+                    ties += 1
+                else:
+                    failures.append(f"prompt {i} token {t}: ours {x}, vLLM {y}, our top-2 gap {gap[t]:.3g} "
+                                    f"> 2 x tolerance {tol[t]:.3g}")
+                break
+            lp = theirs["logprobs"][i][t][str(y)]
+            err = abs(lp - logprobs[t, x].item())
+            max_lp_err = max(max_lp_err, err / tol[t].item())
+            n += 1
+        compared += n
+        full += n == len(a) == len(b) == NEW_TOKENS
+    return {"full": full, "compared": compared, "ties": ties, "failures": failures, "max_logprob_err_in_tol": max_lp_err}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_vllm_greedy_tokens_equal_ours(served, name):
+    ours, theirs = served["ours"][name], served["vllm"][name]
+    assert theirs["prompt_ids"] == ours["prompt_ids"], "the checkpoint's tokenizer renders other prompt ids in vLLM"
+    r = compare(ours, theirs)
+    distinct = len({t for ids in ours["ids"] for t in ids})
+    print(f"{name}: {r['full']}/{len(ours['ids'])} sequences equal over {NEW_TOKENS} tokens ({distinct} distinct "
+          f"tokens), {r['compared']} tokens compared, {r['ties']} ties; vLLM logprob error <= "
+          f"{r['max_logprob_err_in_tol']:.3g} x tolerance; engine start {theirs['engine_start_s']} s")
+    assert not r["failures"], "vLLM's greedy tokens differ from ours:\n" + "\n".join(r["failures"])
+    assert r["full"] >= MIN_FULL, f"only {r['full']} sequences equal over all {NEW_TOKENS} tokens (ties: {r['ties']})"
+    # where the tokens agree, vLLM's logprob of the chosen token is ours within 2 x tolerance (logit + logsumexp)
+    assert r["max_logprob_err_in_tol"] <= 2.0
+
+
+def test_vllm_runs_without_this_repo(served):
+    assert not served["stock"]["common_imported"] and not served["plugin"]["common_imported"]
+
+
+def test_stock_vllm_refuses_linear_subblocks_the_plugin_serves_them(served):
+    err = served["stock"]["refused"]["linear_child"]
+    assert err is not None, "stock vLLM loaded a checkpoint with linear subblocks: is the plugin still needed?"
+    assert "linear_child" in served["plugin"]["models"]
+
+
+def test_checkpoint_ships_its_model_code(served):
+    path = served["ours"]["parent"]["path"]
+    with open(os.path.join(path, MODEL_CODE)) as f, open(os.path.join(ROOT, "common", "model.py")) as g:
+        assert f.read() == g.read()
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["auto_map"] == AUTO_MAP
+    check_checkpoint(path)
+    model, _ = load_checkpoint(path, with_tokenizer=False)  # our path: the registered class, not the shipped copy
+    assert type(model) is DeciLMForCausalLM
+
+
+HF_REMOTE = """
+import json, sys, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+path, ids, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(torch.tensor(ids)).logits
+save_file({"logits": logits.contiguous()}, out)
+print(type(model).__module__)
+"""
+
+
+def interpreters():
+    out = [pytest.param(sys.executable, id="vllm-venv")]
+    main = os.path.join(ROOT, ".venv")  # the main venv (another transformers), where install.sh made it
+    if os.path.exists(os.path.join(main, "bin", "python")) and os.path.abspath(sys.prefix) != main:
+        out.append(pytest.param(os.path.join(main, "bin", "python"), id="main-venv"))
+    return out
+
+
+@pytest.mark.parametrize("python", interpreters())
+def test_plain_transformers_loads_checkpoint_with_remote_code(served, python, tmp_path):
+    """AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) in a process without this repo: the shipped
+    code, the same logits as ours (same code, same float32 ops: equal up to thread scheduling)."""
+    from safetensors.torch import load_file
+
+    ours = served["ours"]["linear_child"]
+    ids = [p[:24] for p in ours["prompt_ids"][:2]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    res = subprocess.run([python, "-I", "-c", HF_REMOTE, ours["path"], json.dumps(ids), str(tmp_path / "l.st")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.strip().splitlines()[-1].startswith("transformers_modules"), res.stdout
+    model, _ = load_checkpoint(ours["path"], with_tokenizer=False)
+    with torch.no_grad():
+        want = model(torch.tensor(ids)).logits
+    got = load_file(str(tmp_path / "l.st"))["logits"]
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_plugin_refuses_unserved_variants_naming_the_layer():
+    from types import SimpleNamespace
+
+    from decilm_vllm_plugin.model import _check_served
+
+    ok = SimpleNamespace(attention=SimpleNamespace(no_op=False, window_length=None), ffn=SimpleNamespace(no_op=False))
+    _check_served(ok, 0)
+    window = SimpleNamespace(attention=SimpleNamespace(no_op=False, window_length=4096), ffn=SimpleNamespace())
+    with pytest.raises(ValueError, match=r"layer 7: attention variant window_length=4096 is not served"):
+        _check_served(window, 7)
+
+
+def test_plugin_is_a_vllm_general_plugin():
+    from importlib.metadata import entry_points
+
+    names = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert names.get("decilm_linear") == "decilm_vllm_plugin:register"
