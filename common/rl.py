@@ -11,7 +11,9 @@ needs are always recomputed with the training forward, for the current policy an
 "old" (sampling) policy: the sampler's own numbers come from another program (vLLM, possibly FP8; or HF's
 incremental decoding with a KV cache, in another dtype) and differ from the training forward by rounding. Using
 them as pi_old would make the ratio rho != 1 before any update and the clipping would act on noise; recomputed,
-rho is exactly 1 on the first minibatch and moves only as the weights do.
+rho is exactly 1 on the first minibatch and moves only as the weights do. The sampler's own distribution still
+differs from pi_old by that rounding (more with FP8): with a vLLM sampler, whose log-probs come with the rollout,
+each sequence is re-weighted by pi_old / mu (`sampler_is_weights`, TRL's correction: sequence_mask, cap 3).
 
 `steps_per_rollout` K (LN-Ultra: 2) splits the rollout's prompt groups into K minibatches, one optimizer step
 each (72 prompts x 16 samples = 2 x 576, the paper's global batch), so from the second step on the policy has
@@ -44,6 +46,7 @@ class Rollout:
     texts: list[str]
     group_size: int
     gen_seconds: float = 0.0
+    sampler_logprobs: list[list[float]] | None = None  # the sampler's own log-probs (vLLM), for the IS correction
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +65,8 @@ class PolicyLossConfig:
     max_new_tokens: int = 256        # Dr. GRPO's constant L_max
     adv_eps: float = 1e-4
     dtype: torch.dtype | None = None  # autocast compute dtype (None: common.dist's default for the device)
+    is_mode: str = "sequence_mask"   # sampler/learner importance-sampling correction: sequence_mask | token_truncate
+    is_cap: float = 3.0              # | off; applied only when the rollout carries the sampler's log-probs (vLLM)
 
 
 # ----------------------------------------------------------------------------
@@ -83,9 +88,10 @@ def sample_rollout(generator, tokenizer, prompts: list[str], group_size: int, ma
     if is_module and was_training:
         generator.train()
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    rows = [(encoded[i], ids, text) for i, group in enumerate(outs) for text, ids in group]
-    return Rollout(prompt_ids=[r[0] for r in rows], completion_ids=[r[1] for r in rows], texts=[r[2] for r in rows],
-                   group_size=group_size, gen_seconds=time.perf_counter() - t0)
+    rows = [(encoded[i], *out) for i, group in enumerate(outs) for out in group]  # (prompt, text, ids[, logprobs])
+    return Rollout(prompt_ids=[r[0] for r in rows], completion_ids=[r[2] for r in rows], texts=[r[1] for r in rows],
+                   group_size=group_size, gen_seconds=time.perf_counter() - t0,
+                   sampler_logprobs=[r[3] for r in rows] if rows and len(rows[0]) == 4 else None)
 
 
 def sample_by_mode(generator, tokenizer, prompts: list[str], reasoning: list[bool], group_size: int,
@@ -101,8 +107,10 @@ def sample_by_mode(generator, tokenizer, prompts: list[str], reasoning: list[boo
             order += idx
             parts.append(sample_rollout(generator, tokenizer, [prompts[i] for i in idx], group_size, budget,
                                         temperature, top_p, batch_size, dtype))
+    lps = [x.sampler_logprobs for x in parts]
     return order, Rollout(*[sum((getattr(x, f) for x in parts), []) for f in ("prompt_ids", "completion_ids", "texts")],
-                          group_size=group_size, gen_seconds=sum(x.gen_seconds for x in parts))
+                          group_size=group_size, gen_seconds=sum(x.gen_seconds for x in parts),
+                          sampler_logprobs=sum(lps, []) if lps and all(lp is not None for lp in lps) else None)
 
 
 # ----------------------------------------------------------------------------
@@ -166,6 +174,24 @@ def _micro_batches(rollout: Rollout, rows: list[int], size: int) -> list[list[in
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
+def sampler_is_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights for the sampler/learner mismatch (TRL's vLLM correction): the rollout was drawn by another
+    program (vLLM: other kernels, maybe another dtype or FP8) whose distribution mu differs from the learner's own
+    pi_old by rounding, so the surrogate's expectation under pi_old is re-weighted by pi_old / mu.
+      sequence_mask:  w_i = exp(sum_t (log pi_old - log mu)) for every token of sequence i, and 0 where w_i > cap
+      token_truncate: w_it = min(exp(log pi_old - log mu)_t, cap)
+    Returns (weights (B, C), detached; masked (B,) bool: sequences a sequence mask dropped)."""
+    diff = ((old_logp - sampler_logp) * mask).float()
+    if mode == "sequence_mask":
+        w = diff.sum(-1, keepdim=True).exp()
+        masked = (w > cap).squeeze(-1)
+        return w.masked_fill(w > cap, 0.0).expand_as(diff).detach(), masked
+    if mode == "token_truncate":
+        return diff.exp().clamp(max=cap).detach(), torch.zeros(diff.shape[0], dtype=torch.bool, device=diff.device)
+    raise ValueError(f"importance-sampling mode {mode!r}; use sequence_mask, token_truncate or off")
+
+
 def _stack(values: dict[int, torch.Tensor], rows: list[int], width: int) -> torch.Tensor:
     out = torch.zeros(len(rows), width)
     for k, r in enumerate(rows):
@@ -195,6 +221,10 @@ def train_on_rollout(model, optimizer, rollout: Rollout, rewards: torch.Tensor, 
     groups = [g for g in range(len(dead)) if not dead[g]]
     stats = {"groups": len(dead), "zero_signal_groups": int(dead.sum()), "optimizer_steps": 0, "loss": 0.0,
              "clip_fraction": 0.0, "kl_ref": None, "grad_norm": None, "trained_tokens": 0, "old_logp_seconds": 0.0}
+    is_on = rollout.sampler_logprobs is not None and cfg.is_mode != "off"
+    sampler = {r: torch.tensor(lp, dtype=torch.float32) for r, lp in enumerate(rollout.sampler_logprobs)} \
+        if is_on else {}
+    is_log_ratio, is_masked, is_seqs = 0.0, 0, 0
     t0 = time.perf_counter()
     K = max(1, cfg.steps_per_rollout)
     minibatches = [groups[k::K] for k in range(K)]
@@ -225,6 +255,12 @@ def train_on_rollout(model, optimizer, rollout: Rollout, rewards: torch.Tensor, 
             logp = completion_logprobs(model, b, device, cfg.dtype)
             old_lp = _stack(old, chunk, mask.shape[1]).to(device) if stats["optimizer_steps"] else logp.detach()
             per_tok, clipped = clipped_surrogate(logp, old_lp, adv[chunk].to(device), cfg.eps_low, cfg.eps_high)
+            if is_on:  # the rollout came from another program (vLLM): re-weight by pi_old / mu
+                mu = _stack(sampler, chunk, mask.shape[1]).to(device)
+                w, masked = sampler_is_weights(old_lp, mu, mask, cfg.is_mode, cfg.is_cap)
+                per_tok = per_tok * w
+                is_log_ratio += float(((old_lp - mu) * mask).sum())
+                is_masked, is_seqs = is_masked + int(masked.sum()), is_seqs + len(chunk)
             if ref:
                 kl = kl_k3(logp, _stack(ref, chunk, mask.shape[1]).to(device))
                 per_tok = per_tok + cfg.beta * kl
@@ -245,7 +281,9 @@ def train_on_rollout(model, optimizer, rollout: Rollout, rewards: torch.Tensor, 
         stats["optimizer_steps"] += 1
     tok = max(1, stats["trained_tokens"])
     stats.update(loss=loss_sum, clip_fraction=clipped_tok / tok, grad_norm=max(gnorms) if gnorms else None,
-                 kl_ref=kl_sum / tok if ref else None, train_seconds=time.perf_counter() - t0)
+                 kl_ref=kl_sum / tok if ref else None, train_seconds=time.perf_counter() - t0,
+                 is_log_ratio=is_log_ratio / tok if is_on else None,  # mean log(pi_old / mu) per token
+                 is_masked_fraction=is_masked / max(1, is_seqs) if is_on else None)
     return stats
 
 

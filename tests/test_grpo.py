@@ -11,7 +11,7 @@ from conftest import tiny_model, tiny_tokenizer
 
 from common.losses import clipped_surrogate, group_advantages, kl_k3, normalize_token_loss, zero_signal_groups
 from common.rl import (PolicyLossConfig, Rollout, curriculum_order, pad_rows, pass_rate_filter, sample_rollout,
-                       train_on_rollout)
+                       sampler_is_weights, train_on_rollout)
 
 
 def test_group_advantages_hand_computed():
@@ -169,6 +169,61 @@ def test_second_minibatch_ratio_is_to_the_sampling_policy(monkeypatch):
     assert asked == [[4, 5, 6, 7]]  # groups 0 and 2 train first, group 1 after the update
     assert [s["optimizer_steps"] for s in stats] == [2, 2] and stats[0]["clip_fraction"] > 0
     assert all(torch.allclose(ws[0][n], ws[1][n], atol=1e-6) for n in ws[0])
+
+
+def test_sampler_is_weights_hand_computed():
+    """TRL's sampler/learner correction: sequence_mask weighs every token of a sequence by exp(sum_t log pi_old - log
+    mu) and zeroes a sequence whose weight exceeds the cap; token_truncate caps each token's ratio. Padding counts
+    nothing."""
+    old = torch.zeros(3, 3)
+    mu = torch.tensor([[-0.1, -0.1, -0.1], [-0.5, -0.5, -0.5], [0.2, -9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 0, 0]])
+    w, masked = sampler_is_weights(old, mu, mask, "sequence_mask", 3.0)
+    assert w[0].tolist() == pytest.approx([math.exp(0.3)] * 3)  # 1.35 <= 3: kept
+    assert w[1].tolist() == [0.0, 0.0, 0.0] and masked.tolist() == [False, True, False]  # e^1.5 = 4.48 > 3
+    assert w[2].tolist() == pytest.approx([math.exp(-0.2)] * 3)  # the padded -9s are not summed
+    w, masked = sampler_is_weights(old, mu, mask, "token_truncate", 1.5)
+    assert w[1].tolist() == pytest.approx([1.5] * 3) and w[0].tolist() == pytest.approx([math.exp(0.1)] * 3)
+    assert not masked.any()
+    with pytest.raises(ValueError, match="sequence_mask, token_truncate or off"):
+        sampler_is_weights(old, mu, mask, "tis", 3.0)
+
+
+def test_is_correction_leaves_a_matching_sampler_alone_and_drops_a_mismatched_one():
+    """A rollout whose sampler log-probs equal the learner's trains exactly as one without them (and as one with
+    the correction off); a sampler that gave every token of group 0 0.5 nats more than the learner does is
+    down-weighted there (another update); a sampler far below the learner on every sequence (weight > cap) masks
+    everything: no update."""
+    import common.rl as rl
+
+    torch.manual_seed(1)
+    base, tok = tiny_model(), tiny_tokenizer()
+    ro = sample_rollout(base, tok, ["a b", "c d e f"], group_size=4, max_new_tokens=6, dtype=torch.float32)
+    r = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25])
+    own = rl.rollout_logprobs(base.eval(), ro, list(range(8)), tok.pad_token_id, torch.device("cpu"), 8, torch.float32)
+    cfg = PolicyLossConfig(micro_batch=8, grad_clip=1e9, dtype=torch.float32)
+
+    def update(sampler, mode="sequence_mask"):
+        m = copy.deepcopy(base)
+        ro.sampler_logprobs = sampler
+        st = train_on_rollout(m, torch.optim.SGD(m.parameters(), lr=1.0), ro, r,
+                              PolicyLossConfig(**{**cfg.__dict__, "is_mode": mode}), torch.device("cpu"),
+                              tok.pad_token_id)
+        return m.state_dict(), st
+
+    plain, st0 = update(None)
+    assert st0["is_log_ratio"] is None
+    same, st1 = update([own[i].tolist() for i in range(8)])
+    assert st1["is_masked_fraction"] == 0 and abs(st1["is_log_ratio"]) < 1e-5
+    assert all(torch.allclose(plain[n], same[n], atol=1e-6) for n in plain)
+    off, _ = update([(own[i] - 5.0).tolist() for i in range(8)], mode="off")  # off: the sampler's numbers unused
+    assert all(torch.equal(plain[n], off[n]) for n in plain)
+    far, st2 = update([(own[i] - 5.0).tolist() for i in range(8)])  # pi_old / mu = e^(5 * len) > 3 everywhere
+    assert st2["is_masked_fraction"] == 1.0
+    assert all(torch.equal(far[n], base.state_dict()[n]) for n in far)  # every sequence masked: nothing moved
+    tilted, st3 = update([(own[i] + (0.5 if i < 4 else 0.0)).tolist() for i in range(8)])
+    assert st3["is_masked_fraction"] == 0 and st3["is_log_ratio"] < 0
+    assert any(not torch.allclose(plain[n], tilted[n], atol=1e-6) for n in plain)  # group 0 down-weighted
 
 
 def test_zero_signal_groups_are_skipped():

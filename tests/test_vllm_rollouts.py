@@ -1,0 +1,124 @@
+"""RL rollouts through a colocated vLLM engine on the CPU (vllm-cpu; run in .venv-vllm, as test.sh does):
+after a weight sync the engine samples from the new weights (the prefix cache is reset: without the reset a prompt
+seen before the sync reuses KV of the old weights), the sampler's log-probs agree with the training forward's, FP8
+generation is refused where the engine has no FP8 kernels, and 06_grpo.py runs end to end with --generator vllm."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process (colocated), as 06 runs it
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import torch  # noqa: E402
+from conftest import ROOT, tiny_model, tiny_tokenizer  # noqa: E402
+
+from common.checkpoint import save_checkpoint  # noqa: E402
+from common.data import render_prompt  # noqa: E402
+from common.generate import VLLMGenerator, generate, load_generator  # noqa: E402
+from common.model import parent_block  # noqa: E402
+from common.rl import rollout_logprobs, sample_rollout  # noqa: E402
+
+WORDS = "alpha beta gamma delta red green blue one two three four five assignment target value list".split()
+
+
+def policy(seed: int):
+    """A tiny policy vLLM's CPU attention runs (head_dim 64). Weights of std 0.1, not 0.02: at 0.02 every prompt
+    and seed answers with one repeated token; at 0.1 two seeds answer every prompt differently."""
+    return tiny_model(seed=seed, hidden=128, heads=2, kv_heads=1, num_layers=2, initializer_range=0.1,
+                      blocks=[parent_block(2, 2.0) for _ in range(2)])  # FFN 2.0 * 128 * 2 / 3 -> 256
+
+
+def prompts(n=16):
+    """n chat prompts of 200+ tokens (more than one KV block of 128, which prefix caching keeps), thinking on and off."""
+    tok = tiny_tokenizer()
+    out = []
+    for i in range(n):
+        words = " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(160))
+        system = "detailed thinking on" if i % 2 else "detailed thinking off"
+        out.append(render_prompt(tok, [{"role": "system", "content": system},
+                                       {"role": "user", "content": f"What is {i} + {2 * i}? {words}"}]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vllm_rl")
+    a, b = policy(0), policy(1)
+    save_checkpoint(a, tiny_tokenizer(), str(d / "a"), stage="parent")
+    gen, tok = load_generator(str(d / "a"), dtype=torch.float32, backend="vllm", colocate=True)
+    return gen, tok, a, b
+
+
+def ids_of(outs):
+    return [o[0][1] for o in outs]
+
+
+def test_after_a_weight_sync_the_engine_samples_the_new_weights_not_stale_prefix_kv(engine):
+    gen, tok, a, b = engine
+    ps = prompts()
+    ours_a = ids_of(generate(a, tok, ps, max_new_tokens=24, return_ids=True))
+    ours_b = ids_of(generate(b, tok, ps, max_new_tokens=24, return_ids=True))
+    assert sum(x != y for x, y in zip(ours_a, ours_b)) >= 8  # the two policies really answer differently
+    assert ids_of(gen.generate(ps, max_new_tokens=24, return_ids=True)) == ours_a  # the prompts' KV is now cached
+    # the hazard: vLLM's reload alone keeps the prefix cache, so the same prompts reuse KV of the old weights
+    state = [(k, v.detach().float()) for k, v in b.state_dict().items()]
+    gen.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state), "is_checkpoint_format": True})
+    stale = ids_of(gen.generate(ps, max_new_tokens=24, return_ids=True))
+    assert sum(x != y for x, y in zip(stale, ours_b)) >= 4
+    # update_weights (reload + prefix-cache reset): the engine's answers are the new policy's own, token for token
+    gen.update_weights(a)
+    assert ids_of(gen.generate(ps, max_new_tokens=24, return_ids=True)) == ours_a
+    gen.update_weights(b)
+    assert ids_of(gen.generate(ps, max_new_tokens=24, return_ids=True)) == ours_b
+    gen.update_weights(a)
+
+
+def test_sampler_logprobs_agree_with_the_training_forward(engine):
+    """The log-probs vLLM reports for the tokens it sampled are the training forward's, to float32 error across two
+    implementations (1e-3 per token: ~1e4 ulps of |logit| + log V, for other kernels and summation orders): the
+    importance weights of a float32 engine are 1 up to that, and no sequence is masked."""
+    gen, tok, a, _ = engine
+    ro = sample_rollout(gen, tok, prompts(4), group_size=4, max_new_tokens=16, temperature=1.0)
+    assert ro.sampler_logprobs is not None and len(ro.sampler_logprobs) == 16
+    assert [len(x) for x in ro.sampler_logprobs] == [len(c) for c in ro.completion_ids]
+    assert len({tuple(c) for c in ro.completion_ids}) > 4  # sampled, not greedy copies
+    own = rollout_logprobs(a.eval(), ro, list(range(16)), tok.pad_token_id, torch.device("cpu"), 8, torch.float32)
+    worst = max(float((own[r] - torch.tensor(ro.sampler_logprobs[r])).abs().max()) for r in range(16))
+    assert worst < 1e-3, worst
+
+
+def test_fp8_generation_is_refused_on_the_cpu_before_an_engine_starts(tmp_path):
+    with pytest.raises(ValueError, match="vllm-cpu lacks; drop --fp8-generation"):
+        VLLMGenerator(str(tmp_path / "never_read"), quantization="fp8")
+
+
+@pytest.mark.slow
+def test_grpo_runs_with_the_vllm_generator_and_corrects_for_the_sampler(tmp_path):
+    """06_grpo.py --generator vllm on the CPU: rollouts from the colocated engine, weights synced after every
+    optimizer step, the importance-sampling statistics recorded, a clean exit (no process-group error at shutdown);
+    --fp8-generation is a one-line error before any work."""
+    save_checkpoint(policy(0), tiny_tokenizer(), str(tmp_path / "policy"), stage="parent")
+    (tmp_path / "data").mkdir()
+    cmd = [sys.executable, os.path.join(ROOT, "06_grpo.py"), "--policy", str(tmp_path / "policy"),
+           "--data", str(tmp_path / "data"), "--num-prompts", "8", "--filter-samples", "2", "--prompts-per-step", "2",
+           "--group-size", "4", "--steps", "2", "--max-new-tokens", "12", "--max-new-tokens-off", "8",
+           "--eval-problems", "0", "--wandb-mode", "disabled", "--generator", "vllm", "--dtype", "float32"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "bad"), "--fp8-generation"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env=env)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --fp8-generation needs")
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "grpo")], capture_output=True, text=True, timeout=600,
+                       cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Invalid process group" not in r.stderr
+    history = json.load(open(tmp_path / "grpo" / "meta.json"))["history"]
+    assert len(history) == 2
+    for h in history:
+        assert h["completion_tokens"] > 0
+        assert h["is_masked_fraction"] is None or 0 <= h["is_masked_fraction"] <= 1
+    assert any(h["is_log_ratio"] is not None for h in history)  # groups with signal were trained and corrected
