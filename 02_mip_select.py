@@ -52,7 +52,7 @@ from common.data import bld_documents, spread_chunks
 from common.fp8 import DTYPE_BYTES, kv_bytes_per_token
 from common.model import num_params
 from common.puzzle import (SUBBLOCKS, assemble_child, load_library, load_variant_state, pair_key,
-                           replace_one_block_scores, variant_config_from_dict)
+                           replace_one_block_scores, stock_vllm_serves, variant_config_from_dict)
 from data_gen.text import distill_documents
 
 # ----------------------------------------------------------------------------
@@ -98,6 +98,9 @@ def parse_args(argv=None):
                    help="not in Puzzle: score every block again alone in the chosen child (KL still to the parent) "
                         "and solve again, up to this many times; for blocks whose damage compounds (attention "
                         "removals), which scores taken in the parent miss (~6 min per round per score on this CPU)")
+    p.add_argument("--serving", default="any", choices=["any", "stock-vllm"],
+                   help="stock-vllm: only blocks stock vLLM serves without the repo's plugin (no linear subblocks, "
+                        "no no-op attention in layer 0; common.puzzle.stock_vllm_serves)")
     p.add_argument("--num-solutions", type=positive_int, default=1)
     p.add_argument("--min-hamming", type=nonneg_int, default=2, help="min layers whose block differs between solutions")
     p.add_argument("--time-limit", type=positive_int, default=60, help="CBC seconds per solve")
@@ -256,21 +259,26 @@ def main(argv=None):
     parent_params = num_params(parent)
 
     names = {s: [v["name"] for v in space[s]] for s in SUBBLOCKS}
-    blocks = [(l, a, f) for l in range(L) for a in names["attention"] for f in names["ffn"]]
+    all_blocks = [(l, a, f) for l in range(L) for a in names["attention"] for f in names["ffn"]]
+    blocks = all_blocks  # the search space
+    if args.serving == "stock-vllm":  # the child must load in stock vLLM (users who deploy without the plugin)
+        blocks = [(l, a, f) for l, a, f in all_blocks if all(
+            stock_vllm_serves(l, s, entries[(l, s, n)]["config"]) for s, n in (("attention", a), ("ffn", f)))]
 
-    def score_table(name):  # per block: its own replace-one-block score (01 scored every pair)
+    def score_table(name, over=None):  # per block: its own replace-one-block score (01 scored every pair)
         key = "kl" if name == "kl" else "lm_loss_delta"
-        return {b: scores[pair_key(*b)][key] for b in blocks}
+        return {b: scores[pair_key(*b)][key] for b in (blocks if over is None else over)}
 
-    score_of, kl_of = score_table(args.score), score_table("kl")
+    score_of = score_table(args.score)
+    any_score, any_kl = score_table(args.score, all_blocks), score_table("kl", all_blocks)  # for any child's prediction
 
     def predicted(choice):
         its = [(l, s, n) for (l, s), n in choice.items()]
         rt = sum(runtime[i] for i in its) + nonblock_rt
         return {"params": sum(params[i] for i in its) + nonblock_params,
                 "memory_bytes": sum(memory[i] for i in its) + nonblock_mem, "runtime_s": rt,
-                "speedup": parent_rt / rt, "score": sum(score_of[b] for b in blocks_of(choice)),
-                "kl_sum": sum(kl_of[b] for b in blocks_of(choice))}
+                "speedup": parent_rt / rt, "score": sum(any_score[b] for b in blocks_of(choice)),
+                "kl_sum": sum(any_kl[b] for b in blocks_of(choice))}
 
     def constraints_for(min_speedup=None):
         cons = {}
@@ -474,7 +482,8 @@ def main(argv=None):
     # Save: the child checkpoint with search.json, pareto.png, metrics
     parent_s = statistics.median(parent_times)
     pred = predicted(solutions[0])
-    uses_linear = any(entries[(l, s, n)]["config"]["replace_with_linear"] for (l, s), n in solutions[0].items())
+    unserved = [f"layer {l} {s} {n}" for (l, s), n in sorted(solutions[0].items())
+                if not stock_vllm_serves(l, s, entries[(l, s, n)]["config"])]
     search = {"scenario": {"batch": args.batch, "prefill": args.prefill, "gen_len": args.gen_len,
                            "kv_dtype": args.kv_dtype, "kv_tokens": kv_tokens, "device": cost_id["device"]},
               "constraints": {k: v[2] for k, v in cons.items()}, "score": args.score,
@@ -490,8 +499,7 @@ def main(argv=None):
               "cost_check": {"max_abs_error": abs(worst["prediction_error"]), "rows": cost_check},
               "rescore_rounds": rescored, "repeat": repeat, "costs_cache": cost_path, "costs_key": cost_id,
               "baselines": baselines, "sweep": sweep,
-              "vllm_note": ("uses replace_with_linear: NVIDIA's HF code runs it, vLLM's nemotron_nas does not"
-                            if uses_linear else "")}
+              "serving": {"restricted_to": args.serving, "stock_vllm": not unserved, "needs_plugin": unserved}}
     child = child.to(parent.dtype)
     try:
         save_checkpoint(child, tokenizer, args.out, stage="mip", args=user_config, extra_json={"search.json": search},
@@ -521,8 +529,10 @@ def main(argv=None):
     print0(f"cost check: max |error| {abs(worst['prediction_error']):.1%} over the parent and {args.cost_check} random "
            f"children; the main child timed again: {repeat['measured_speedup']:.2f}x, differs by "
            f"{repeat['agreement']:.1%} (target <= 5%)")
-    if uses_linear:
-        print0("note: " + search["vllm_note"])
+    if unserved:
+        print0(f"note: stock vLLM cannot serve {len(unserved)} of the child's subblocks ({', '.join(unserved[:3])}"
+               f"{', ...' if len(unserved) > 3 else ''}): serve it with the repo's plugin (bash install_vllm.sh), or "
+               f"search with --serving stock-vllm")
     print0(f"checkpoint: {args.out}; metrics: {metrics_path}")
     wandb_run.finish()
 

@@ -87,6 +87,15 @@ def is_no_op(cfg) -> bool:
     return bool(cfg.no_op)
 
 
+def stock_vllm_serves(layer: int, subblock: str, config: dict) -> bool:
+    """Whether stock vLLM's nemotron_nas (0.32 / 0.33, no plugin) runs this variant in this layer: GQA attention,
+    no-op subblocks and FFN widths, yes; linear subblocks (replace_with_linear) and window attention, no; nor a no-op
+    attention in layer 0 (its first FFN norm gets no residual). The repo's plugin (vllm_plugin/) serves all of them."""
+    if config.get("replace_with_linear") or config.get("window_length"):
+        return False
+    return not (subblock == "attention" and layer == 0 and config.get("no_op"))
+
+
 def subblock_params(config, subblock: str, cfg) -> int:
     """Parameters of one subblock variant, its RMSNorm included (no_op: 0). Matches num_params of the built module."""
     if cfg.no_op:

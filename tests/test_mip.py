@@ -108,6 +108,34 @@ def test_infeasible_constraints_name_the_binding_one(lib, monkeypatch, tmp_path)
     assert not os.path.exists(out)
 
 
+def test_stock_vllm_restriction_keeps_only_blocks_stock_vllm_serves(lib):
+    """--serving stock-vllm: at a KV-memory budget where the unrestricted child uses linear attention, the
+    restricted child has no linear subblock and no no-op attention in layer 0, still meets the budget, and says it
+    needs no plugin; the unrestricted child names the subblocks that need the plugin."""
+    from common.puzzle import stock_vllm_serves
+
+    root, _ = lib
+    searches = {}
+    for serving in ("any", "stock-vllm"):
+        out = os.path.join(root, f"child_{serving}")
+        mip.main(mip_argv(root, out, "--max-memory-gib", "0.02", "--kv-tokens", "100000", "--no-baselines",
+                          "--serving", serving, "--metrics-name", f"mip_{serving}"))  # KV memory binds: attention goes
+        with open(os.path.join(out, "search.json")) as f:
+            searches[serving] = json.load(f)
+    library = json.load(open(os.path.join(root, "library", "library.json")))
+    config = {(e["layer"], e["subblock"], e["name"]): e["config"] for e in library["variants"]}
+    free, stock = searches["any"], searches["stock-vllm"]
+    assert free["serving"]["needs_plugin"] and not free["serving"]["stock_vllm"]  # the budget needs linear blocks
+    for b in stock["solution"]:
+        for s in ("attention", "ffn"):
+            assert stock_vllm_serves(b["layer"], s, config[(b["layer"], s, b[s])]), b
+            assert not config[(b["layer"], s, b[s])]["replace_with_linear"]
+    assert stock["solution"][0]["attention"] != "no_op"
+    assert stock["serving"] == {"restricted_to": "stock-vllm", "stock_vllm": True, "needs_plugin": []}
+    assert stock["predicted"]["memory_bytes"] <= stock["constraints"]["max_memory"]
+    assert stock["predicted"]["score"] > free["predicted"]["score"]  # a smaller search space: no better optimum
+
+
 def test_rescoring_in_the_childs_context_keeps_the_constraints(lib):
     """--rescore-rounds: the child and the other score's baseline are each solved again on scores taken in their
     own context; every round is recorded, the child still meets its budget."""
