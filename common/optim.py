@@ -118,9 +118,3 @@ def finished_states(dir_: str) -> list[str]:
         return []
     done = [d for d in os.listdir(dir_) if STATE_NAME.match(d) and os.path.isfile(os.path.join(dir_, d, "COMPLETED"))]
     return [os.path.join(dir_, d) for d in sorted(done, key=lambda d: int(d[5:]))]
-
-
-def latest_state(dir_: str) -> str | None:
-    """The newest finished state under dir_, or None."""
-    done = finished_states(dir_)
-    return done[-1] if done else None

@@ -38,13 +38,6 @@ MODULE_NAMES = {"attention": ("self_attn", "input_layernorm"), "ffn": ("mlp", "p
 # Variant specs
 
 
-def parent_variant_name(config, subblock: str) -> str:
-    b = config.block_configs[0]
-    if subblock == "attention":
-        return f"kv{config.num_attention_heads // b.attention.n_heads_in_group}"
-    return f"w{ffn_mult_to_intermediate_size(b.ffn.ffn_mult, config.hidden_size)}"
-
-
 def attention_variants(config, kv_heads, linear=True, no_op=True) -> list:
     """[{name, config, parent}] for the attention subblock: parent GQA, each fewer-KV-head count, linear, no_op."""
     H = config.num_attention_heads
@@ -81,10 +74,6 @@ def ffn_variants(config, widths, linear=True, no_op=True) -> list:
 
 def variant_config_from_dict(subblock: str, d: dict):
     return AttentionConfig(**d) if subblock == "attention" else FFNConfig(**d)
-
-
-def is_no_op(cfg) -> bool:
-    return bool(cfg.no_op)
 
 
 def stock_vllm_serves(layer: int, subblock: str, config: dict) -> bool:
