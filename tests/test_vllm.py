@@ -256,15 +256,22 @@ def test_plain_transformers_loads_checkpoint_with_remote_code(served, python, tm
 
 
 def test_plugin_refuses_unserved_variants_naming_the_layer():
+    """A block config the plugin cannot serve (NVIDIA's window attention) fails when vLLM reads the config, in the
+    calling process, before an engine starts; a servable one converts."""
     from types import SimpleNamespace
 
-    from decilm_vllm_plugin.model import _check_served
+    from decilm_vllm_plugin.config import DeciLMArchConfigConvertor
 
-    ok = SimpleNamespace(attention=SimpleNamespace(no_op=False, window_length=None), ffn=SimpleNamespace(no_op=False))
-    _check_served(ok, 0)
-    window = SimpleNamespace(attention=SimpleNamespace(no_op=False, window_length=4096), ffn=SimpleNamespace())
-    with pytest.raises(ValueError, match=r"layer 7: attention variant window_length=4096 is not served"):
-        _check_served(window, 7)
+    def config(window):
+        full = SimpleNamespace(attention=SimpleNamespace(no_op=False, replace_with_linear=False, n_heads_in_group=2),
+                               ffn=SimpleNamespace(no_op=False, ffn_mult=6.0))
+        linear = SimpleNamespace(attention=SimpleNamespace(no_op=False, replace_with_linear=True, n_heads_in_group=None,
+                                                           window_length=window), ffn=SimpleNamespace(no_op=True))
+        return SimpleNamespace(num_attention_heads=4, block_configs=[linear, full])
+
+    assert DeciLMArchConfigConvertor(config(None), config(None)).get_total_num_kv_heads() == 2
+    with pytest.raises(ValueError, match=r"^layer 0: attention variant window_length=4096 is not served"):
+        DeciLMArchConfigConvertor(config(4096), config(4096)).convert()
 
 
 def test_plugin_is_a_vllm_general_plugin():

@@ -13,7 +13,7 @@ is no-op (stock vLLM gives its FFN norm no residual and fails).
 
 To add a variant (e.g. sliding-window attention: `window_length` in block_configs[i].attention, NVIDIA's key; vLLM's
 Attention takes `per_layer_sliding_window`), build it in `build_attention` / `build_ffn` and drop its key from
-UNSERVED_KEYS; a module there takes (positions, hidden_states) for attention and (hidden_states) for an FFN.
+config.UNSERVED_KEYS; a module there takes (positions, hidden_states) for attention and (hidden_states) for an FFN.
 """
 
 from torch import nn
@@ -22,21 +22,7 @@ from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.models import nemotron_nas
 from vllm.model_executor.models.llama import LlamaMLP
 
-# Block-config keys of NVIDIA's format that change the computation and are not served here; a block that sets one
-# is refused when the engine builds the model, with the layer and the key named.
-UNSERVED_KEYS = {"attention": ("window_length", "num_sink_tokens", "unshifted_sink", "sparsify", "llama4", "mamba"),
-                 "ffn": ("moe", "parallel_blocks", "sparsify")}
-
-
-def _check_served(block, layer_idx: int) -> None:
-    for part, keys in UNSERVED_KEYS.items():
-        sub = getattr(block, part)
-        for key in keys:
-            value = getattr(sub, key, None)
-            if value not in (None, False, 0, [], {}):
-                raise ValueError(f"layer {layer_idx}: {part} variant {key}={value!r} is not served by "
-                                 f"decilm_vllm_plugin; serve this checkpoint with code that implements it")
-
+from decilm_vllm_plugin.config import check_served
 
 class LinearSubblock(nn.Module):
     """A subblock replaced by one bias-free Linear(hidden, hidden), stored as `<name>.weight`."""
@@ -82,7 +68,7 @@ class DeciLMDecoderLayer(nemotron_nas.DeciLMDecoderLayer):
     def __init__(self, config, layer_idx: int, cache_config=None, quant_config=None, prefix: str = ""):
         nn.Module.__init__(self)
         block = config.block_configs[layer_idx]
-        _check_served(block, layer_idx)
+        check_served(block, layer_idx)
         self.hidden_size = config.hidden_size
         attn = build_attention(config, layer_idx, block.attention, cache_config, quant_config, f"{prefix}.self_attn")
         mlp = build_ffn(config, layer_idx, block.ffn, quant_config, f"{prefix}.mlp")
