@@ -23,14 +23,13 @@ import argparse
 import math
 import os
 import shutil
-import sys
 import time
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoint, write_json_atomic, write_metrics
-from common.cli import int_list, nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
+from common.cli import die, int_list, nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
 from common.data import bld_documents, spread_chunks, text_chunks
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.tracking import add_wandb_args, init_wandb
@@ -87,10 +86,6 @@ def parse_args(argv=None):
     p.add_argument("--metrics-name", default="bld", help="metrics/<this>.json")
     add_wandb_args(p)
     return p.parse_args(argv)
-
-
-def die(msg):
-    sys.exit(f"error: {msg}")  # printed on the way out, after every `with progress(...)` bar has closed: stays last
 
 
 def auto_or_list(s):

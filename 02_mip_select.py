@@ -33,7 +33,6 @@ import copy
 import os
 import random
 import statistics
-import sys
 import warnings
 
 import pulp
@@ -47,7 +46,7 @@ from common.stats import paired_gaps
 from common.tracking import add_wandb_args, init_wandb
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json_atomic
 from common.checkpoint import check_metrics_free, check_out_free, write_metrics
-from common.cli import float_list, nonneg_int, off_or, positive_float, positive_int
+from common.cli import die, float_list, nonneg_int, off_or, positive_float, positive_int
 from common.data import bld_documents, spread_chunks
 from common.fp8 import DTYPE_BYTES, kv_bytes_per_token
 from common.model import num_params
@@ -116,10 +115,6 @@ def parse_args(argv=None):
     p.add_argument("--metrics-name", default="mip", help="metrics/<this>.json (one per child, e.g. mip_2x)")
     add_wandb_args(p)
     return p.parse_args(argv)
-
-
-def die(msg):
-    sys.exit(f"error: {msg}")  # printed at exit, after any progress bar has closed
 
 
 # ----------------------------------------------------------------------------

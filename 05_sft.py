@@ -30,7 +30,7 @@ from common.cli import (float_list, fraction, int_list, nonneg_float, nonneg_int
                         positive_int, prob)
 from common.data import IGNORE, collate, first_answer_token_weights, pack_examples, tokenize_sft_example
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, shard_list, wrap_ddp
-from common.evaluate import generation_eval, toggle_eval
+from common.evaluate import math_both_modes, toggle_eval
 from common.gen_cache import GenCacheError, add_gen_cache_args, open_gen_cache
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
@@ -172,16 +172,8 @@ problems = eval_problems(args.eval_problems, seed=1234) if args.eval_problems > 
 
 
 def eval_both_modes(m, who):
-    if not problems:
-        return {}
-    m.eval()
-    with autocast_ctx(device):
-        out = {mode: generation_eval(m, tokenizer, problems, reasoning=(mode == "on"),
-                                     max_new_tokens=args.eval_max_new_tokens, batch_size=32,
-                                     desc=f"{who}: math, thinking {mode}", cache=gen_cache)
-               for mode in ("on", "off")}
-    m.train()
-    return out
+    return math_both_modes(m, tokenizer, problems, args.eval_max_new_tokens, args.eval_max_new_tokens, cache=gen_cache,
+                           who=who)
 
 
 before = eval_both_modes(model, "before SFT") if rank == 0 and not args.resume else {}

@@ -30,12 +30,12 @@ from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpo
                                save_checkpoint, write_json_atomic, write_metrics)
 from common.cli import fraction, nonneg_float, nonneg_int, positive_float, positive_int, prob
 from common.data import build_messages, render_prompt
-from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
-from common.evaluate import generation_eval
+from common.dist import all_reduce_sum, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
+from common.evaluate import math_both_modes
 from common.gen_cache import GenCacheError, add_gen_cache_args, open_gen_cache
 from common.generate import load_generator, vllm_available
 from common.losses import LOSS_TYPES
-from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
+from common.optim import NonFiniteError, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
 from common.rewards import math_reward
 from common.rl import PolicyLossConfig, Rollout, curriculum_order, pass_rate_filter, sample_by_mode, train_on_rollout
@@ -267,15 +267,8 @@ schedule = [kept[i % len(kept)] for i in range(need)]  # cycles the filtered set
 
 
 def eval_both_modes(m) -> dict:
-    if not eval_set:
-        return {}
-    m.eval()
-    with autocast_ctx(device, dtype):
-        out = {mode: generation_eval(m, tokenizer, eval_set, reasoning=(mode == "on"), batch_size=32, cache=gen_cache,
-                                     max_new_tokens=args.eval_max_new_tokens if mode == "on" else args.eval_max_new_tokens_off)
-               for mode in ("on", "off")}
-    m.train()
-    return out
+    return math_both_modes(m, tokenizer, eval_set, args.eval_max_new_tokens, args.eval_max_new_tokens_off, dtype=dtype,
+                           cache=gen_cache)
 
 
 def reuse_before(path) -> dict:
@@ -316,10 +309,7 @@ elif rank == 0:
         print0(f"before: accuracy on {before['on']['accuracy']:.3f} / off {before['off']['accuracy']:.3f} "
                f"({len(eval_set)} problems each, {time.time() - t0:.0f} s)")
 
-
-def check_finite(loss, gnorm, where):
-    check_finite_update(model, loss, gnorm, where=f"GRPO {where}; last good state: {states.latest() or 'none'}")
-
+check_finite = states.update_check(model, "GRPO")
 
 # ----------------------------------------------------------------------------
 # Training loop: rollout -> rewards -> update

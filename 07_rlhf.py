@@ -32,21 +32,20 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 
 import torch
 
 from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, load_meta_matching,
                                save_checkpoint, write_metrics)
-from common.cli import nonneg_float, nonneg_int, positive_float, positive_int, prob
+from common.cli import die, nonneg_float, nonneg_int, positive_float, positive_int, prob
 from common.data import build_messages, end_of_turn_id, render_prompt
 from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.evaluate import generation_eval
 from common.stats import mean_se
 from common.gen_cache import add_gen_cache_args, greedy_generate, open_gen_cache
 from common.losses import LOSS_TYPES, RPO_LOSSES, rloo_advantages
-from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
+from common.optim import NonFiniteError, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
 from common.reward_model import (RewardModel, check_reward_model, load_reward_model, pairwise_accuracy, reward_scores,
                                  save_reward_model, train_reward_model_step)
@@ -137,20 +136,16 @@ add_wandb_args(p)
 args = p.parse_args()
 
 
-def bad(msg) -> None:
-    sys.exit(f"error: {msg}")
-
-
 # one validation place; then the per-algorithm defaults of the None flags
 if args.train_reward_model == (args.algo is not None):
-    bad("give exactly one of --algo rloo|rpo|grpo-rm and --train-reward-model")
+    die("give exactly one of --algo rloo|rpo|grpo-rm and --train-reward-model")
 algo = "reward_model" if args.train_reward_model else args.algo
 if algo == "grpo-rm" and not args.reward_model:
-    bad("--algo grpo-rm needs --reward-model DIR (train one with --train-reward-model)")
+    die("--algo grpo-rm needs --reward-model DIR (train one with --train-reward-model)")
 if args.online and algo != "rpo":
-    bad(f"--online {args.online} is for --algo rpo (got {algo})")
+    die(f"--online {args.online} is for --algo rpo (got {algo})")
 if args.k < 2 and (algo in ("rloo", "grpo-rm") or args.online or args.policy_pairs):
-    bad(f"--k {args.k}: a group of one has no baseline and no pair; use e.g. --k 4")
+    die(f"--k {args.k}: a group of one has no baseline and no pair; use e.g. --k 4")
 DEFAULTS = {"rloo": dict(lr=1e-5, beta=0.05, loss_type="dapo", steps=16),
             "grpo-rm": dict(lr=1e-5, beta=1e-3, loss_type="grpo", steps=16),
             "rpo": dict(lr=5e-6, steps=16), "reward_model": dict(lr=2e-5, steps=64)}
@@ -183,9 +178,9 @@ try:  # everything read from disk is checked before the first model loads
         reused_before = load_meta_matching(args.before_from, ("rlhf_rloo", "rlhf_rpo", "rlhf_grpo-rm"), vars(args),
                                            keys).get("before")
         if not reused_before:
-            bad(f"--before-from {args.before_from} holds no before-training evaluation; drop the flag to evaluate here")
+            die(f"--before-from {args.before_from} holds no before-training evaluation; drop the flag to evaluate here")
 except (CheckpointError, ValueError) as e:
-    bad(e)
+    die(e)
 # where RPO's rewards come from: the reward model, else the file's, else the verifiers (online: model or verifier)
 reward_source = None
 if algo == "rpo" and (args.rpo_loss != "dpo" or args.online):
@@ -196,7 +191,7 @@ if algo == "rpo" and (args.rpo_loss != "dpo" or args.online):
         else:
             blind = next((i for i, r in enumerate(file_pairs) if not (r.get("constraints") or r.get("answer"))), None)
             if blind is not None:
-                bad(f"{pairs_path}: pair {blind + 1} ({file_pairs[blind]['id']}) has no chosen_reward/rejected_reward "
+                die(f"{pairs_path}: pair {blind + 1} ({file_pairs[blind]['id']}) has no chosen_reward/rejected_reward "
                     f"and nothing a verifier can check (constraints or answer); pass --reward-model DIR, add the "
                     f"rewards, or use --rpo-loss dpo")
 
@@ -208,7 +203,7 @@ dtype = resolve_dtype(args.dtype, device)
 wandb_run = init_wandb(args.wandb_project, args.run_name or args.metrics_name, user_config, mode=args.wandb_mode)
 model, tokenizer = load_checkpoint(args.policy, dtype=torch.float32, device=device)  # fp32 master weights
 if not all(torch.isfinite(w).all() for w in model.parameters()):  # sampling would fail deep inside generate
-    bad(f"{args.policy} holds non-finite weights; start from a checkpoint whose training did not diverge")
+    die(f"{args.policy} holds non-finite weights; start from a checkpoint whose training did not diverge")
 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 eot = end_of_turn_id(tokenizer)
 rm = trained = None
@@ -218,7 +213,7 @@ elif args.reward_model:
     rm, rm_tok = load_reward_model(args.reward_model, device=device)
     rm.requires_grad_(False)
     if rm_tok.get_vocab() != tokenizer.get_vocab():
-        bad(f"--reward-model {args.reward_model} has another tokenizer than --policy {args.policy}; train the reward "
+        die(f"--reward-model {args.reward_model} has another tokenizer than --policy {args.policy}; train the reward "
             f"model from a checkpoint of the same line")
 ref_model = None
 if algo == "rpo" or (algo in ("rloo", "grpo-rm") and args.beta > 0):  # the frozen initial policy
@@ -332,7 +327,7 @@ try:
             torch.distributed.barrier()
         file_pairs = read_pairs(pairs_path)
 except ValueError as e:
-    bad(e)
+    die(e)
 pool = prompt_pool(args.num_prompts) if not offline or args.policy_pairs else []
 if algo == "reward_model":
     dropped = sum(r.get("kind") == args.heldout_kind for r in file_pairs)
@@ -350,7 +345,7 @@ if algo == "reward_model":
         file_pairs += read_pairs(policy_pairs_path)
     print0(f"reward model: {len(file_pairs)} training pairs ({dropped} of held-out kind {args.heldout_kind} dropped)")
 if offline and not file_pairs:
-    bad(f"{pairs_path}: no training pairs left (every pair is of --heldout-kind {args.heldout_kind}?)")
+    die(f"{pairs_path}: no training pairs left (every pair is of --heldout-kind {args.heldout_kind}?)")
 
 
 # a fixed order of work, so a resumed run continues the same batches
@@ -439,10 +434,7 @@ else:
     before = evaluate()
     print0(f"evaluation before: {time.time() - t0:.0f} s")
 
-
-def check_finite(loss, gnorm, where):
-    check_finite_update(trained, loss, gnorm, where=f"{algo} {where}; last good state: {states.latest() or 'none'}")
-
+check_finite = states.update_check(trained, algo)
 
 # ----------------------------------------------------------------------------
 # Training loop: one unit = a rollout step (rloo, grpo-rm), an optimizer step (offline rpo, reward model), or an
@@ -536,7 +528,7 @@ with progress(range(start, total), desc=algo, unit="iteration" if args.online el
                                                        rank, world_size))
             check_finite_weights(trained, where=f"{algo} step {step + 1}")
         except NonFiniteError as e:
-            bad(e)
+            die(e)
         rec = {"step": step + 1, "lr": lr, **rec}
         history.append(rec)
         wandb_run.log({f"{algo}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))}, step=step + 1)

@@ -10,6 +10,13 @@ deep inside a stage; here it stops before anything is loaded or written.
 
 import argparse
 import math
+import sys
+
+
+def die(msg: str):
+    """Stop a stage with a one-line "error: ..." and exit status 1. sys.exit prints it on the way out, after every
+    `with progress(...)` bar has closed, so the error stays the last line on screen."""
+    sys.exit(f"error: {msg}")
 
 
 def _number(cast, s: str, what: str):

@@ -27,7 +27,7 @@ import torch
 from common.checkpoint import (CheckpointError, check_checkpoint, check_metrics_free, load_checkpoint, read_json,
                                write_metrics)
 from common.cli import off_or, positive_int
-from common.dist import progress, resolve_dtype, sync
+from common.dist import autocast_ctx, progress, resolve_dtype, sync
 from common.gen_cache import GenCache, add_gen_cache_args, greedy_generate, open_gen_cache
 from common.stats import mean_se
 
@@ -212,6 +212,22 @@ def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max
 
 # ----------------------------------------------------------------------------
 # Speed: prefill / decode tok/s and memory, model and parent interleaved
+
+
+def math_both_modes(model, tokenizer, problems: list[dict], max_new_tokens_on: int, max_new_tokens_off: int,
+                    batch_size: int = 32, dtype=None, cache: GenCache | None = None, who: str | None = None) -> dict:
+    """generation_eval with "detailed thinking on" and "off" ({"on": ..., "off": ...}; {} without problems): a
+    training stage's before/after evaluation, the model in eval mode under the stage's autocast, in train mode after."""
+    if not problems:
+        return {}
+    model.eval()
+    with autocast_ctx(_device(model), dtype):
+        out = {mode: generation_eval(model, tokenizer, problems, reasoning=mode == "on", batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens_on if mode == "on" else max_new_tokens_off,
+                                     desc=f"{who}: math, thinking {mode}" if who else None, cache=cache)
+               for mode in ("on", "off")}
+    model.train()
+    return out
 
 
 def kv_cache_bytes_per_token(model) -> int:

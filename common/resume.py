@@ -29,7 +29,7 @@ import re
 import shutil
 
 from common.checkpoint import CheckpointError, check_out_free, read_json, write_json_atomic
-from common.optim import STATE_NAME, finished_states, load_train_state, save_train_state
+from common.optim import STATE_NAME, check_finite_update, finished_states, load_train_state, save_train_state
 
 # flags that may differ between a run and its resume whatever the stage: they do not change the result, or (lr)
 # changing them is the documented fix for a non-finite step
@@ -94,6 +94,12 @@ class RunStates:
         """The newest finished state of this run (this shard), or None."""
         done = finished_states(self.shard_dir)
         return done[-1] if done else None
+
+    def update_check(self, model, label: str):
+        """`check_finite(loss, grad_norm, where)` for an RL update (common.rl): check_finite_update on `model`, its
+        error naming the stage and this run's last good state."""
+        return lambda loss, gnorm, where: check_finite_update(
+            model, loss, gnorm, where=f"{label} {where}; last good state: {self.latest() or 'none'}")
 
     def save(self, step: int, model, optimizer, **extra) -> str:
         """Save a state named step-%06d (atomically, COMPLETED last), then drop all but the newest `keep`.
