@@ -8,7 +8,8 @@ skips. Three tiny random checkpoints (head_dim 64: vLLM's CPU attention has no s
   stock child   no-op attention, GQA with 4 / 2 / 1 KV heads, FFN widths 1024..256, no-op FFN: stock vLLM
   linear child  linear attention and linear FFN subblocks (+ no-op attention in layer 0, GQA, no-op FFN): only
                 with the repo's plugin (vllm_plugin/); stock vLLM refuses it
-Two engine processes (stock: VLLM_PLUGINS excludes ours; plugin), about a minute each on a 2-core CPU.
+Two vLLM processes, run while ours generates: stock (VLLM_PLUGINS excludes ours; engines in-process) and plugin
+(engine process of its own, vLLM's default); about 2.5 minutes in all on a 2-core CPU.
 """
 
 import json
@@ -88,8 +89,10 @@ def prompts(tok) -> list[str]:
             for mode in ("on", "off") for q in QUESTIONS]
 
 
-def start_helper(spec: dict, tmp, tag: str, plugins: str | None):
-    """_vllm_generate.py in a fresh `python -I` (no repo on sys.path, cwd outside the repo), in the background."""
+def start_helper(spec: dict, tmp, tag: str, plugins: str | None, engine_process: bool):
+    """_vllm_generate.py in a fresh `python -I` (no repo on sys.path, cwd outside the repo), in the background.
+    engine_process=False runs vLLM's engine in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts in ~3 s instead
+    of ~15 s here); True is vLLM's default, an engine process of its own (where the plugin must load again)."""
     spec_path, out_path = tmp / f"{tag}_spec.json", tmp / f"{tag}_out.json"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
@@ -97,6 +100,7 @@ def start_helper(spec: dict, tmp, tag: str, plugins: str | None):
     env.pop("PYTHONPATH", None)
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine_process else "0"
     log = open(tmp / f"{tag}.log", "w+")
     proc = subprocess.Popen([sys.executable, "-I", HELPER, str(spec_path), str(out_path)], cwd=tmp, env=env,
                             stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -125,11 +129,12 @@ def served(tmp_path_factory):
     models = {name: served_model(name, seed) for seed, name in enumerate(MODELS)}
     paths = {name: save_checkpoint(m, tok, str(tmp / name), stage="test") for name, m in models.items()}
     spec = {"prompts": texts, "max_tokens": NEW_TOKENS, "logprobs": 2}
-    # stock vLLM: VLLM_PLUGINS names no installed plugin, so none of the vllm.general_plugins load (ours included);
-    # both engine processes run while we generate
+    # stock vLLM: VLLM_PLUGINS names no installed plugin, so none of the vllm.general_plugins load (ours included).
+    # The plugin runs as users serve: its engine in a process of its own. Both run while we generate.
     stock = start_helper({**spec, "models": [{"name": n, "path": paths[n]} for n in STOCK],
-                          "refused": [{"name": n, "path": paths[n]} for n in PLUGIN]}, tmp, "stock", "none")
-    plugin = start_helper({**spec, "models": [{"name": n, "path": paths[n]} for n in PLUGIN]}, tmp, "plugin", None)
+                          "refused": [{"name": n, "path": paths[n]} for n in PLUGIN]}, tmp, "stock", "none", False)
+    plugin = start_helper({**spec, "models": [{"name": n, "path": paths[n]} for n in PLUGIN]}, tmp, "plugin", None,
+                          True)
     ours = {}
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     for name, model in models.items():
