@@ -8,8 +8,9 @@ Per layer (config.block_configs[i], NVIDIA's format), as this repo's model and N
              replace_with_linear: one bias-free Linear(hidden, hidden)      x + linear_mlp(post_attention_layernorm(x))
              no_op: nothing
 Weight names are the checkpoint's (`self_attn.linear_attn`, `mlp.linear_mlp`), so vLLM's own weight loader fills
-them; only the layer is new. Linear subblocks keep no KV cache. The layer also serves a first layer whose attention
-is no-op (stock vLLM gives its FFN norm no residual and fails).
+them; only the layer is new (and, in config.py, how vLLM reads the config). Linear subblocks keep no KV cache. The
+layer also serves a first layer whose attention is no-op (stock vLLM passes its FFN norm no residual and fails at the
+first forward: "too many values to unpack").
 
 To add a variant (e.g. sliding-window attention: `window_length` in block_configs[i].attention, NVIDIA's key; vLLM's
 Attention takes `per_layer_sliding_window`), build it in `build_attention` / `build_ffn` and drop its key from
@@ -23,6 +24,7 @@ from vllm.model_executor.models import nemotron_nas
 from vllm.model_executor.models.llama import LlamaMLP
 
 from decilm_vllm_plugin.config import check_served
+
 
 class LinearSubblock(nn.Module):
     """A subblock replaced by one bias-free Linear(hidden, hidden), stored as `<name>.weight`."""
