@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoint, write_json_atomic, write_metrics
-from common.cli import die, int_list, nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
+from common.cli import (add_dtype_arg, add_save_every_arg, die, int_list, nonneg_float, nonneg_int, positive_float,
+                        positive_int, prob)
 from common.data import bld_documents, spread_chunks, text_chunks
 from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.tracking import add_wandb_args, init_wandb
@@ -70,10 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=nonneg_float, default=0.1)
     p.add_argument("--grad-clip", type=positive_float, default=1.0)
     p.add_argument("--val-seqs", type=positive_int, default=4, help="BLD validation sequences (loss before/after)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="autocast compute dtype (auto: bf16 on CUDA / bf16-capable CPUs, else float32)")
-    p.add_argument("--save-every", type=off_or(positive_int), default=20,
-                   help="steps between resume states (-1 = never)")
+    add_dtype_arg(p, "autocast compute dtype")
+    add_save_every_arg(p, 20)
     p.add_argument("--resume", action="store_true", help="continue from <out>.state/ (the same arguments; --epochs, "
                    "--lr, --dtype, --save-every and the scoring sizes may change)")
     p.add_argument("--seed", type=nonneg_int, default=0)

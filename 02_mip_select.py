@@ -46,7 +46,7 @@ from common.stats import paired_gaps
 from common.tracking import add_wandb_args, init_wandb
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json_atomic
 from common.checkpoint import check_metrics_free, check_out_free, write_metrics
-from common.cli import die, float_list, nonneg_int, off_or, positive_float, positive_int
+from common.cli import add_dtype_arg, die, float_list, nonneg_int, off_or, positive_float, positive_int
 from common.data import bld_documents, spread_chunks
 from common.fp8 import DTYPE_BYTES, kv_bytes_per_token
 from common.model import num_params
@@ -71,8 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--kv-tokens", type=off_or(positive_int), default=-1,
                    help="cached tokens for memory (-1 = batch*(prefill+gen))")
     p.add_argument("--weight-bytes", type=positive_float, default=2.0, help="bytes per weight for memory (bf16 = 2)")
-    p.add_argument("--speed-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="dtype the runtimes are measured in (auto: bf16 where it is fast)")
+    add_dtype_arg(p, "dtype the runtimes are measured in")
     p.add_argument("--cost-layers", type=off_or(positive_int), default=-1,
                    help="layers each variant is swapped into for its runtime (-1 = all but one)")
     p.add_argument("--cost-repeats", type=positive_int, default=5, help="paired rounds per block cost (median)")
@@ -207,7 +206,7 @@ def main(argv=None):
         die(str(e))
     config, L = parent.config, library["num_layers"]
     wandb_run = init_wandb(args.wandb_project, args.run_name or "mip", user_config, mode=args.wandb_mode)
-    speed_dtype = resolve_dtype(args.speed_dtype, device)
+    speed_dtype = resolve_dtype(args.dtype, device)
     entries = {(e["layer"], e["subblock"], e["name"]): e for e in library["variants"]}
     items = sorted(entries)
     space = library["space"]

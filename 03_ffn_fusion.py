@@ -38,7 +38,7 @@ import torch
 
 from common.checkpoint import (CheckpointError, check_metrics_free, check_out_free, load_checkpoint, load_meta,
                                save_checkpoint, write_metrics)
-from common.cli import nonneg_float, nonneg_int, off_or, positive_int
+from common.cli import add_dtype_arg, nonneg_float, nonneg_int, off_or, positive_int
 from common.model import (AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig,
                           intermediate_size_to_ffn_mult)
 
@@ -83,8 +83,7 @@ def build_parser():
     p.add_argument("--speed-prefill", type=batch_x_len, default="4x128",
                    help="full batch x prompt length for the speed measure")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="dtype for map, eval and speed (auto: bf16 on CUDA / bf16-capable CPUs, else float32)")
+    add_dtype_arg(p, "dtype for map, eval and speed")
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=nonneg_int, default=0)
     from common.tracking import add_wandb_args

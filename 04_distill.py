@@ -43,7 +43,7 @@ import torch
 
 from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, save_checkpoint,
                                write_metrics)
-from common.cli import nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
+from common.cli import add_dtype_arg, add_save_every_arg, nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
 from common.data import load_text_documents
 from common.losses import cosine_hidden, forward_kl, lm_loss, reverse_kl
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
@@ -89,14 +89,12 @@ def build_parser():
     p.add_argument("--grad-clip", type=positive_float, default=1.0)
     p.add_argument("--explode-factor", type=off_or(positive_float), default=10.0,
                    help="stop when loss > this x recent mean (-1 = off)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="autocast compute dtype (auto: bf16 on CUDA / bf16-capable CPUs, else float32)")
+    add_dtype_arg(p, "autocast compute dtype")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (resume then resets the optimizer)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads per process")
     # resume
-    p.add_argument("--save-every", type=off_or(positive_int), default=20,
-                   help="optimizer steps between resume states (-1 = off)")
+    add_save_every_arg(p, 20)
     p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/ (the same "
                    "arguments; the budgets, --lr, --cpt-lr, --save-every and --reset-optimizer may change)")
     p.add_argument("--reset-optimizer", action="store_true", help="with --resume: fresh optimizer moments")

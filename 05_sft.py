@@ -26,10 +26,11 @@ import torch
 
 from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoint, load_meta, save_checkpoint
 from common.checkpoint import write_metrics
-from common.cli import (float_list, fraction, int_list, nonneg_float, nonneg_int, off_or, positive_float,
-                        positive_int, prob)
+from common.cli import (add_dtype_arg, add_save_every_arg, float_list, fraction, int_list, nonneg_float, nonneg_int,
+                        off_or, positive_float, positive_int, prob)
 from common.data import IGNORE, collate, first_answer_token_weights, pack_examples, tokenize_sft_example
-from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, progress, shard_list, wrap_ddp
+from common.dist import (autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list,
+                         wrap_ddp)
 from common.evaluate import math_both_modes, toggle_eval
 from common.gen_cache import GenCacheError, add_gen_cache_args, open_gen_cache
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
@@ -62,8 +63,8 @@ p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
 p.add_argument("--grad-clip", type=positive_float, default=1.0)
 p.add_argument("--max-train-examples", type=off_or(positive_int), default=-1, help="cap on training records (-1 = all)")
 p.add_argument("--seed", type=nonneg_int, default=0)
-p.add_argument("--save-every", type=off_or(positive_int), default=50,
-               help="optimizer steps between resume states (-1 = off)")
+add_dtype_arg(p, "autocast compute dtype")
+add_save_every_arg(p, 50)
 p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/ (the same "
                "arguments; --epochs, --max-steps, --lr and --save-every may change)")
 # evaluation
@@ -95,6 +96,7 @@ except (CheckpointError, GenCacheError) as e:
 # Init
 
 ddp, rank, local_rank, world_size, device = compute_init(args.seed)
+dtype = resolve_dtype(args.dtype, device)
 wandb_run = init_wandb(args.wandb_project, args.run_name or "sft", user_config, mode=args.wandb_mode)
 model, tokenizer = load_checkpoint(args.init, dtype=torch.float32, device=device)  # fp32 master weights
 parent_path = init_meta.get("parent") if init_meta.get("stage") != "parent" else args.init
@@ -172,8 +174,8 @@ problems = eval_problems(args.eval_problems, seed=1234) if args.eval_problems > 
 
 
 def eval_both_modes(m, who):
-    return math_both_modes(m, tokenizer, problems, args.eval_max_new_tokens, args.eval_max_new_tokens, cache=gen_cache,
-                           who=who)
+    return math_both_modes(m, tokenizer, problems, args.eval_max_new_tokens, args.eval_max_new_tokens, dtype=dtype,
+                           cache=gen_cache, who=who)
 
 
 before = eval_both_modes(model, "before SFT") if rank == 0 and not args.resume else {}
@@ -211,7 +213,7 @@ for s in range(start["stage"], 3):
                 i = (step * args.grad_accum + micro) * args.batch_size
                 batch = collate(rows[i:i + args.batch_size])
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast_ctx(device):
+                with autocast_ctx(device, dtype):
                     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False,
                                 return_logits=False,
@@ -254,7 +256,7 @@ after = eval_both_modes(raw_model, "after SFT") if rank == 0 else {}
 toggle = {}  # the toggle where it decides (first tokens), on more problems than the full-answer evaluation
 if rank == 0 and args.toggle_problems:
     raw_model.eval()
-    with autocast_ctx(device):
+    with autocast_ctx(device, dtype):
         toggle = toggle_eval(raw_model, tokenizer, eval_problems(args.toggle_problems, seed=4321), cache=gen_cache,
                              desc="after SFT: toggle")
 parent_res = {}  # the table's reference row: the parent on the same problems (when SFT did not start from it)

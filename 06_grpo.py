@@ -28,7 +28,7 @@ import torch
 
 from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, load_meta_matching,
                                save_checkpoint, write_json_atomic, write_metrics)
-from common.cli import fraction, nonneg_float, nonneg_int, positive_float, positive_int, prob
+from common.cli import add_dtype_arg, add_save_every_arg, fraction, nonneg_float, nonneg_int, positive_float, positive_int, prob
 from common.data import build_messages, render_prompt
 from common.dist import all_reduce_sum, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.evaluate import math_both_modes
@@ -95,9 +95,9 @@ p.add_argument("--warmup-steps", type=nonneg_int, default=0)
 p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
 p.add_argument("--grad-clip", type=positive_float, default=1.0)
 p.add_argument("--micro-batch", type=positive_int, default=8, help="completions per forward/backward")
-p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 where fast) | float32 | bfloat16")
+add_dtype_arg(p)
 p.add_argument("--seed", type=nonneg_int, default=0)
-p.add_argument("--save-every", type=nonneg_int, default=4, help="rollout steps between resume states (0 = never)")
+add_save_every_arg(p, 4, "rollout steps")
 p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/")
 # evaluation
 p.add_argument("--eval-problems", type=nonneg_int, default=100, help="held-out problems per mode (0 = skip)")
@@ -356,7 +356,7 @@ with progress(range(start, args.steps), desc="GRPO", unit="rollout", initial=sta
         if (step + 1) % args.samples_every == 0 and not isinstance(wandb_run, DummyWandb):
             wandb_run.log({"grpo/samples": wandb_table(["step", "mode", "prompt", "completion", "reward", "accuracy",
                                                         "format"], sample_rows)}, step=step + 1)
-        if rank == 0 and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if rank == 0 and args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             states.save(step + 1, model, optimizer, history_json=json.dumps(history), before_json=json.dumps(before))
 
 # ----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch
 
 from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, load_meta_matching,
                                save_checkpoint, write_metrics)
-from common.cli import die, nonneg_float, nonneg_int, positive_float, positive_int, prob
+from common.cli import add_dtype_arg, add_save_every_arg, die, nonneg_float, nonneg_int, positive_float, positive_int, prob
 from common.data import build_messages, end_of_turn_id, render_prompt
 from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.evaluate import generation_eval
@@ -113,9 +113,9 @@ p.add_argument("--warmup-steps", type=nonneg_int, default=0)
 p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
 p.add_argument("--grad-clip", type=positive_float, default=1.0)
 p.add_argument("--micro-batch", type=positive_int, default=8, help="completions (rpo, reward model: pairs) per forward")
-p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 where fast) | float32 | bfloat16")
+add_dtype_arg(p)
 p.add_argument("--seed", type=nonneg_int, default=0)
-p.add_argument("--save-every", type=nonneg_int, default=4, help="steps (online: iterations) between resume states (0 = never)")
+add_save_every_arg(p, 4, "steps (online: iterations)")
 p.add_argument("--resume", action="store_true", help="continue from the last state in <out>.state/")
 # evaluation
 p.add_argument("--eval-if", type=nonneg_int, default=100, help="held-out instruction prompts (0 = skip)")
@@ -537,7 +537,7 @@ with progress(range(start, total), desc=algo, unit="iteration" if args.online el
         sample_rows += [(step + 1, *s) for s in samples]
         if columns and (step + 1) % args.samples_every == 0 and not isinstance(wandb_run, DummyWandb):
             wandb_run.log({f"{algo}/samples": wandb_table(columns, sample_rows)}, step=step + 1)
-        if rank == 0 and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+        if rank == 0 and args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total:
             states.save(step + 1, trained, optimizer, history_json=json.dumps(history), before_json=json.dumps(before))
 
 # ----------------------------------------------------------------------------

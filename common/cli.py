@@ -13,6 +13,22 @@ import math
 import sys
 
 
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+def add_dtype_arg(p, help: str = "compute dtype") -> None:
+    """--dtype, the same in every stage: auto picks bf16 on CUDA and on CPUs with avx512_bf16 / AMX, float32
+    elsewhere (common.dist.default_compute_dtype)."""
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help=f"{help} (auto: bf16 on CUDA and bf16-capable CPUs, else float32)")
+
+
+def add_save_every_arg(p, default: int, unit: str = "optimizer steps") -> None:
+    """--save-every, the same in every stage: the interval of resume states, -1 = never."""
+    p.add_argument("--save-every", type=off_or(positive_int), default=default,
+                   help=f"{unit} between resume states (-1 = never)")
+
+
 def die(msg: str):
     """Stop a stage with a one-line "error: ..." and exit status 1. sys.exit prints it on the way out, after every
     `with progress(...)` bar has closed, so the error stays the last line on screen."""

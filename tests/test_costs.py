@@ -124,7 +124,7 @@ def test_search_json_holds_the_cost_check_and_the_repeat(lib, capsys, monkeypatc
     root, _ = lib
     argv = ["--library", os.path.join(root, "library"), "--batch", "1", "--prefill", "8", "--gen-len", "2",
             "--cost-repeats", "2", "--cost-decode-steps", "1", "--speed-repeats", "2", "--speed-decode-steps", "1",
-            "--cost-check", "2", "--eval-seqs", "2", "--eval-seq-len", "16", "--threads", "1", "--speed-dtype",
+            "--cost-check", "2", "--eval-seqs", "2", "--eval-seq-len", "16", "--threads", "1", "--dtype",
             "float32", "--max-params", "0.8", "--no-baselines", "--wandb-mode", "disabled"]
     mip.main(argv + ["--out", os.path.join(root, "child")])
     with open(os.path.join(root, "child", "search.json")) as f:

@@ -193,7 +193,7 @@ BLD = ["--parent", "{d}/parent", "--data", "{d}/text.txt", "--num-seqs", "8", "-
 BLD_CASE = BLD + ["--out", "{d}/lib2", "--metrics-name", "bld2"]
 MIP = ["--library", "{d}/library", "--out", "{d}/child2", "--max-params", "0.9", "--batch", "1", "--prefill", "8",
        "--gen-len", "2", "--cost-repeats", "1", "--cost-layers", "1", "--speed-repeats", "1", "--eval-seqs", "1",
-       "--eval-seq-len", "16", "--threads", "1", "--speed-dtype", "float32", "--no-baselines", "--wandb-mode",
+       "--eval-seq-len", "16", "--threads", "1", "--dtype", "float32", "--no-baselines", "--wandb-mode",
        "disabled", "--metrics-name", "mip2"]
 FUSE = ["--child", "{d}/child", "--out", "{d}/fused", "--calib-tokens", "32", "--seq-len", "16", "--eval-tokens", "32",
         "--levels", "1", "--speed-new-tokens", "0", "--threads", "1", "--wandb-mode", "disabled"]
@@ -207,10 +207,10 @@ SFT = ["--init", "{d}/parent", "--data", "{d}/data", "--seq-len", "128", "--batc
 SFT_CASE = SFT + ["--out", "{d}/sft"]
 GRPO = ["--policy", "{d}/parent", "--data", "{d}/data", "--num-prompts", "4", "--filter-samples", "2",
         "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6", "--max-new-tokens-off", "4",
-        "--eval-problems", "0", "--steps", "3", "--dtype", "float32", "--save-every", "0", "--wandb-mode", "disabled"]
+        "--eval-problems", "0", "--steps", "3", "--dtype", "float32", "--save-every", "-1", "--wandb-mode", "disabled"]
 GRPO_CASE = GRPO + ["--out", "{d}/grpo"]
 RLHF = ["--algo", "rpo", "--policy", "{d}/parent", "--data", "{d}/data", "--steps", "2", "--pairs-per-step", "2",
-        "--eval-if", "0", "--eval-math", "0", "--eval-pairs", "0", "--dtype", "float32", "--save-every", "0",
+        "--eval-if", "0", "--eval-math", "0", "--eval-pairs", "0", "--dtype", "float32", "--save-every", "-1",
         "--wandb-mode", "disabled", "--out", "{d}/rlhf"]
 PAIR = {"id": "p1", "input": "Say hi.", "reasoning": "off", "chosen": "hi", "rejected": "no"}
 CONVERT = ["--out", "{d}/converted"]

@@ -31,7 +31,7 @@ def mip_argv(root, out, *extra):
     return ["--library", os.path.join(root, "library"), "--out", out, "--batch", "2", "--prefill", "16",
             "--gen-len", "4", "--cost-repeats", "2", "--cost-layers", "2", "--cost-decode-steps", "2",
             "--speed-repeats", "1", "--eval-seqs", "2", "--eval-seq-len", "32", "--threads", "1",
-            "--speed-dtype", "float32", "--wandb-mode", "disabled", *extra]
+            "--dtype", "float32", "--wandb-mode", "disabled", *extra]
 
 
 def test_mip_meets_constraints_and_matches_brute_force():
