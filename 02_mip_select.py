@@ -48,7 +48,7 @@ from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint,
 from common.checkpoint import check_metrics_free, check_out_free, write_metrics
 from common.cli import add_dtype_arg, die, float_list, nonneg_int, off_or, positive_float, positive_int
 from common.data import bld_documents, spread_chunks
-from common.fp8 import DTYPE_BYTES, kv_bytes_per_token
+from common.quant import DTYPE_BYTES, kv_bytes_per_token
 from common.model import num_params
 from common.puzzle import (SUBBLOCKS, assemble_child, load_library, load_variant_state, pair_key,
                            replace_one_block_scores, stock_vllm_serves, variant_config_from_dict)
