@@ -29,6 +29,22 @@ explosions). The last 3 states are kept; they are deleted once the checkpoint is
     python 04_distill.py --student runs/smol/child --out runs/smol/kd_ablation --tokens 16384 \\
         --loss-ablation "lm;fkl;cosine;cosine,fkl;cosine,fkl,lm"                      # Puzzle's loss table
 
+Quantization (--quant fp8|nvfp4): the model becomes its own student. Its attention and FFN projections compute
+with fake-quantized weights and activations (common.quant; NVFP4's activation scales calibrated on the training
+rows), and the full-precision model is the teacher (or --teacher). --quant-methods, each from the same quantized
+start and, when trained, at the same token budget: ptq (quantize once, no training), qat (cross entropy on the
+data), qad (KL(teacher || student) only, temperature 1: "Quantization-Aware Distillation for NVFP4 Inference
+Accuracy Recovery"), qad_self (QAD on the teacher's own sampled answers to the data's prompts, the paper's
+self-generated data). Data: --data a data_gen.build directory (its train.jsonl conversations rendered with the
+chat template, all tokens trained), or the text sources above. Every row is evaluated against the teacher: text KL
+and next-token accuracy, math thinking on / off (--eval-problems held-out problems), think-format compliance,
+instruction following (--eval-if), each gap paired against the full-precision model. <out> holds the first trained
+method's model (qad by default), weights rounded to the format, the format in meta.json "quant" (load_checkpoint
+restores the fake-quantized model; common.export writes the serving engine's layout).
+
+    python 04_distill.py --student runs/smol/rpo --out runs/smol/qad_nvfp4 --quant nvfp4 --data data/smol \
+        --quant-methods ptq,qat,qad,qad_self --tokens 16384 --metrics-name qad_nvfp4   # the QAD table
+
 Outputs: <out>/ (checkpoint), <run-dir>/metrics/<--metrics-name>.json (default distill.json).
 """
 
@@ -41,16 +57,18 @@ import time
 
 import torch
 
-from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, save_checkpoint,
-                               write_metrics)
+from common.checkpoint import (CheckpointError, check_metrics_free, check_out_free, load_checkpoint, load_meta,
+                               save_checkpoint, write_metrics)
 from common.cli import add_dtype_arg, add_save_every_arg, nonneg_float, nonneg_int, off_or, positive_float, positive_int, prob
-from common.data import load_text_documents
+from common.data import chat_documents, load_text_documents, sft_records
 from common.losses import cosine_hidden, forward_kl, lm_loss, reverse_kl
+from common.quant import FORMATS, calibrate_act_amax, dequantize_model_, quantize_model_
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
-from common.stats import gap_label, paired_gaps, ratio_se
+from common.stats import gap_label, paired_diff, paired_gaps, ratio_se
 
 LOSSES = ("fkl", "rkl", "cosine", "lm")
+QUANT_METHODS = {"ptq": None, "qat": {"lm": 1.0}, "qad": {"fkl": 1.0}, "qad_self": {"fkl": 1.0}}  # method -> loss
 
 # ----------------------------------------------------------------------------
 # Arguments
@@ -69,8 +87,18 @@ def build_parser():
     p.add_argument("--cosine-on", default="auto", choices=["auto", "layers", "final"], help="matched hidden states")
     p.add_argument("--loss-ablation", default="", help="';'-separated --loss specs trained from the same init; "
                    "writes a table, no checkpoint (e.g. 'lm;fkl;cosine;cosine,fkl;cosine,fkl,lm')")
+    # quantization (QAD and its baselines)
+    p.add_argument("--quant", default=None, choices=FORMATS, help="QAD mode: train the model into its own "
+                   "fake-quantized copy (the teacher: the model itself, or --teacher)")
+    p.add_argument("--quant-methods", default="ptq,qat,qad", help=f"comma-separated, from {tuple(QUANT_METHODS)}")
+    p.add_argument("--quant-acts", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize the projections' input activations too (W8A8 / W4A4)")
+    p.add_argument("--self-temperature", type=positive_float, default=1.0, help="qad_self: the teacher's sampling")
+    p.add_argument("--eval-problems", type=nonneg_int, default=100, help="--quant: held-out math problems per mode")
+    p.add_argument("--eval-if", type=nonneg_int, default=100, help="--quant: held-out instruction prompts")
     # data
-    p.add_argument("--data", default="mix", help="'mix' (data_gen.text distillation mix) or a local data set path")
+    p.add_argument("--data", default="mix", help="'mix' (data_gen.text distillation mix), a data_gen.build directory "
+                   "(its train.jsonl conversations) or a local data set path")
     p.add_argument("--text-column", default="text")
     p.add_argument("--seq-len", type=positive_int, default=256, help="packed row length")
     # optimization
@@ -140,11 +168,21 @@ def resolve_teacher(student: str, given: str | None) -> str:
         path = nxt
 
 
-def load_documents(data: str, text_column: str) -> list[str]:
+def load_documents(data: str, text_column: str, tokenizer) -> list[str]:
     if data == "mix":
         from data_gen.text import distill_documents
         return distill_documents("train")
+    if os.path.isfile(os.path.join(data, "train.jsonl")) and os.path.isfile(os.path.join(data, "data_card.json")):
+        return chat_documents(tokenizer, sft_records(data))
     return load_text_documents(data, text_column)
+
+
+def parse_quant_methods(spec: str) -> list[str]:
+    methods = [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in methods if m not in QUANT_METHODS]
+    if bad or not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"--quant-methods {spec!r}: give distinct names from {tuple(QUANT_METHODS)}")
+    return methods
 
 
 # ----------------------------------------------------------------------------
@@ -169,6 +207,111 @@ def kd_loss(s_out, t_out, losses: dict, ids, temperature=1.0, layer_pairs=None) 
 
 
 # ----------------------------------------------------------------------------
+# Quantization: the teacher's own data, the table and what it shows
+
+
+def teacher_generations(teacher, tokenizer, args, tokens: int, autocast) -> torch.Tensor:
+    """Packed rows of the teacher's own answers (sampled at --self-temperature) to the prompts of --data, in both
+    reasoning modes as the records ask: QAD's self-generated data. At least `tokens` tokens."""
+    import random
+    from common.data import build_messages, render_prompt
+    from common.dist import print0
+    from common.generate import generate
+
+    records = sft_records(args.data)
+    random.Random(args.seed).shuffle(records)
+    docs, used, n_tokens = [], 0, 0
+    while n_tokens < tokens + args.seq_len and used < len(records):
+        batch = records[used:used + 32]
+        used += len(batch)
+        prompts = [render_prompt(tokenizer, build_messages(r, r.get("reasoning") == "on")) for r in batch]
+        with autocast():
+            outs = generate(teacher, tokenizer, prompts, temperature=args.self_temperature, max_new_tokens=256,
+                            seed=args.seed + used, desc="teacher's own answers")
+        new = chat_documents(tokenizer, [{**r, "output": o[0]} for r, o in zip(batch, outs)])
+        docs += new
+        n_tokens += sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in new)
+    from common.data import text_chunks
+    rows = text_chunks(tokenizer, docs, args.seq_len)
+    print0(f"qad_self: {len(docs)} teacher answers, {len(rows)} packed rows of {args.seq_len}")
+    return rows
+
+
+def _paired(a: list, b: list) -> tuple[float, float]:
+    from common.stats import mean_se
+    return mean_se([float(x) - float(y) for x, y in zip(a, b)])
+
+
+def quant_rows(table: dict) -> list[dict]:
+    """One row per method: each figure with its SE, and its gap to the full-precision row paired over the same
+    chunks / problems."""
+    from common.stats import mean_se
+    ref = table["bf16"]
+    rows = []
+    for name, r in table.items():
+        row = {"method": name}
+        if r["text"]:
+            row |= {k: r["text"][k] for k in ("kl_parent", "kl_parent_se", "next_token_acc", "next_token_acc_se")}
+            row["d_next_token_acc"], row["d_next_token_acc_se"] = paired_diff(r["text"], ref["text"], "next_token_acc")
+        items = [(f"math_{mode}", r["math"].get(mode), ref["math"].get(mode)) for mode in ("on", "off")]
+        items += [("if", r.get("if"), ref.get("if"))]
+        for key, g, g0 in items:
+            if not g:
+                continue
+            row[f"{key}_n"] = g["n"]
+            row[key], row[f"{key}_se"] = mean_se([float(c) for c in g["correct"]])
+            row[f"d_{key}"], row[f"d_{key}_se"] = _paired(g["correct"], g0["correct"])
+            if key.startswith("math"):
+                fmt = f"format_{key[5:]}"
+                row[fmt], row[f"{fmt}_se"] = mean_se([float(c) for c in g["format_ok"]])
+                row[f"d_{fmt}"], row[f"d_{fmt}_se"] = _paired(g["format_ok"], g0["format_ok"])
+        rows.append(row)
+    return rows
+
+
+def quant_findings(table: dict) -> dict:
+    """The paper's claims at this scale: QAD's KL to the full-precision model <= 1/10 of QAT's (and below it by
+    > 2 paired SE); QAD within 2 SE of full precision on math and the toggle."""
+    out = {}
+    if "qad" in table and "qat" in table and table["qad"]["text"]:
+        d, se = paired_diff(table["qad"]["text"], table["qat"]["text"], "kl_parent")
+        qad_kl, qat_kl = table["qad"]["text"]["kl_parent"], table["qat"]["text"]["kl_parent"]
+        out |= {"kl_qad_over_qat": qad_kl / qat_kl if qat_kl else None, "kl_qad_minus_qat": d,
+                "kl_qad_minus_qat_se": se, "qad_kl_below_qat_beyond_2se": d < -2 * se,
+                "kl_goal_met": bool(qat_kl and qad_kl <= qat_kl / 10)}
+    if "qad" in table:
+        within = {}
+        for mode in ("on", "off"):
+            g, g0 = table["qad"]["math"].get(mode), table["bf16"]["math"].get(mode)
+            if g:
+                for key in ("correct", "format_ok"):
+                    d, se = _paired(g[key], g0[key])
+                    within[f"{'math' if key == 'correct' else 'format'}_{mode}"] = abs(d) <= 2 * se
+        out["qad_within_2se_of_bf16"] = within
+    return out
+
+
+def print_quant_table(metrics: dict) -> None:
+    def cell(r, k, digits=3):
+        if k not in r:
+            return "-"
+        d = f" ({r['d_' + k]:+.{digits}f} ± {r['d_' + k + '_se']:.{digits}f})" if "d_" + k in r and r["method"] != "bf16" else ""
+        return f"{r[k]:.{digits}f}{d}"
+    print(f"\n{metrics['format'].upper()} ({'weights + activations' if metrics['quant_acts'] else 'weights'}, "
+          f"{metrics['quantized_linears']} projections) of {metrics['student']}; {metrics['tokens_per_method']} "
+          f"training tokens per method; (Δ ± paired SE vs the full-precision model)")
+    print("| method | KL to full precision | next-token acc | math on | math off | think format on | format off "
+          "| IF all-met |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in metrics["table"]:
+        kl = f"{r['kl_parent']:.4f} ± {r['kl_parent_se']:.4f}" if "kl_parent" in r else "-"
+        print(f"| {r['method']} | {kl} | {cell(r, 'next_token_acc', 4)} | {cell(r, 'math_on')} | {cell(r, 'math_off')} "
+              f"| {cell(r, 'format_on')} | {cell(r, 'format_off')} | {cell(r, 'if')} |")
+    if metrics["findings"]:
+        print("findings: " + json.dumps(metrics["findings"]))
+
+
+# ----------------------------------------------------------------------------
 # Main
 
 
@@ -182,20 +325,30 @@ def main(argv=None):
 
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
     ablation = [s.strip() for s in args.loss_ablation.split(";") if s.strip()]
-    states = None  # the ablation keeps no resume states
+    states = None  # the ablation and the quantization table keep no resume states (short trials from one init)
     try:
         specs = [parse_losses(s) for s in (ablation or [args.loss])]
+        methods = parse_quant_methods(args.quant_methods) if args.quant else []
         cpt = {"lm": 1.0}
         if args.reset_optimizer and not args.resume:
             raise ValueError("--reset-optimizer only applies with --resume")
-        if ablation and (args.resume or args.cpt_tokens):
-            raise ValueError("--loss-ablation runs short KD trials from one init; drop --resume / --cpt-tokens")
-        if not ablation:  # --out free, and <out>.state/ holds only this run's states (budget flags may grow)
+        if (ablation or args.quant) and (args.resume or args.cpt_tokens):
+            raise ValueError(f"{'--quant' if args.quant else '--loss-ablation'} runs short trials from one init; drop "
+                             f"--resume / --cpt-tokens")
+        if ablation and args.quant:
+            raise ValueError("--loss-ablation and --quant are two tables; run them as two commands")
+        if "qad_self" in methods and not os.path.isfile(os.path.join(args.data, "train.jsonl")):
+            raise ValueError(f"qad_self samples the teacher on the prompts of --data, but {args.data} has no "
+                             f"train.jsonl; give a data_gen.build directory")
+        if args.quant:
+            check_out_free(args.out)
+        elif not ablation:  # --out free, and <out>.state/ holds only this run's states (budget flags may grow)
             states = RunStates(args.out, user_config, resume=args.resume, keep=3, budget_keys=(
                 "tokens", "max_steps", "cpt_tokens", "cpt_lr", "save_every", "reset_optimizer", "debug_nan_step",
                 "explode_factor", "speed_new_tokens"))
         check_metrics_free(run_dir, args.metrics_name, args.out)
-        teacher_path = resolve_teacher(args.student, args.teacher)
+        # QAD's teacher is the model itself at full precision
+        teacher_path = (args.teacher or args.student) if args.quant else resolve_teacher(args.student, args.teacher)
         student_meta = load_meta(args.student)
     except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
@@ -222,7 +375,7 @@ def main(argv=None):
     # -------------------------------------------------------------------- data: packed rows, one global order
     from common.data import text_chunks
     try:
-        rows = torch.as_tensor(text_chunks(tokenizer, load_documents(args.data, args.text_column), args.seq_len))
+        rows = torch.as_tensor(text_chunks(tokenizer, load_documents(args.data, args.text_column, tokenizer), args.seq_len))
     except ValueError as e:
         sys.exit(f"error: {e}")
     if len(rows) == 0:
@@ -336,7 +489,7 @@ def main(argv=None):
                 if step % 5 == 0 or step == total - 1:
                     print0(f"{name} step {step + 1}/{total} loss {loss_val:.4f} "
                            + " ".join(f"{k} {v:.4f}" for k, v in parts_sum.items()) + f" lr {lr:.2e} {tps:.0f} tok/s")
-                if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total and not ablation:
+                if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total and states is not None:
                     save_state(model, optimizer, step + 1, history)
         return history, model
 
@@ -394,6 +547,70 @@ def main(argv=None):
                       f"| {r.get('top1_agreement', nan):.4f} | {r.get('lm_loss', nan):.4f} "
                       f"| {pm(g, 'kl_parent', '+.3g')} | {pm(g, 'next_token_acc', '+.3g')} | {gap} |")
             print(f"metrics: {metrics_path} (an ablation saves no checkpoint)")
+        wandb_run.finish()
+        return None
+
+    # -------------------------------------------------------------------- quantization mode: the PTQ / QAT / QAD table
+    if args.quant:
+        from common.evaluate import generation_eval, math_both_modes
+        from common.quant import QuantLinear, fake_quant_weight
+        from data_gen.instructions import generate_instructions
+        from data_gen.math_problems import eval_problems
+
+        math = eval_problems(args.eval_problems, seed=0) if args.eval_problems else []
+        chat = generate_instructions(args.eval_if, seed=0, heldout=True) if args.eval_if else []
+
+        def quant_eval(model, who):
+            """Text KL / accuracy against the teacher, math on / off with think-format compliance, IF all-met."""
+            out = {"text": evaluate(model), "math": math_both_modes(model, tokenizer, math, 320, 80, dtype=cdtype, who=who)}
+            if chat:
+                model.eval()
+                with autocast():
+                    out["if"] = generation_eval(model, tokenizer, chat, False, 80, batch_size=32,
+                                                desc=f"{who}: instruction following")
+            model.eval()
+            return out
+
+        table = {"bf16": quant_eval(teacher, "bf16")}
+        n_quant = quantize_model_(student, args.quant, args.quant_acts)
+        if args.quant == "nvfp4" and args.quant_acts:  # static activation scales from the first training rows
+            calib = rows[:2 * args.batch_size].to(device)
+            with autocast():
+                calibrate_act_amax(student, calib.split(args.batch_size))
+        init_state = copy.deepcopy(student.state_dict())
+        data_rows, self_rows, keep = rows, None, None
+        for m in methods:
+            student.load_state_dict(init_state)
+            if m == "qad_self" and self_rows is None:
+                self_rows = teacher_generations(teacher, tokenizer, args, kd_steps * per_step * args.seq_len, autocast)
+            rows = self_rows if m == "qad_self" else data_rows  # micro_batch reads `rows`
+            if QUANT_METHODS[m]:
+                train(student, QUANT_METHODS[m], trial=f" ({m})")
+            table[m] = quant_eval(student, m)
+            if keep is None and QUANT_METHODS[m] or m == "qad":  # the checkpoint: qad, else the first trained one
+                keep = (m, copy.deepcopy(student.state_dict()))
+        rows = data_rows
+        keep = keep or ("ptq", init_state)
+        if rank == 0:
+            metrics = {"student": args.student, "teacher": teacher_path, "format": args.quant,
+                       "quant_acts": args.quant_acts, "quantized_linears": n_quant, "methods": methods,
+                       "tokens_per_method": kd_steps * per_step * args.seq_len, "data": args.data,
+                       "saved": keep[0], "table": quant_rows(table), "findings": quant_findings(table)}
+            student.load_state_dict(keep[1])
+            with torch.no_grad():  # the checkpoint holds the rounded weights: what the quantized model computes with
+                for mod in student.modules():
+                    if isinstance(mod, QuantLinear):
+                        mod.weight.copy_(fake_quant_weight(mod.weight, mod.fmt))
+            quant = {"format": args.quant, "quant_acts": args.quant_acts, "method": keep[0],
+                     "act_amax": {n: mod.act_amax for n, mod in student.named_modules()
+                                  if isinstance(mod, QuantLinear) and mod.act_amax is not None}}
+            dequantize_model_(student)
+            save_checkpoint(student, tokenizer, args.out, stage="qad", args=user_config,
+                            meta={"parent": teacher_path, "input": args.student, "quant": quant,
+                                  "metrics": {"table": metrics["table"], "findings": metrics["findings"]}})
+            metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
+            print_quant_table(metrics)
+            print(f"checkpoint ({keep[0]}): {args.out}; metrics: {metrics_path}")
         wandb_run.finish()
         return None
 

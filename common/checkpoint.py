@@ -209,13 +209,18 @@ def load_meta_matching(path: str, stages: tuple, args: dict, keys: tuple, flag: 
 
 
 def load_checkpoint(path: str, dtype=torch.float32, device="cpu", with_tokenizer: bool = True):
-    """(model, tokenizer) from a finished checkpoint of ours; eval mode."""
+    """(model, tokenizer) from a finished checkpoint of ours; eval mode. A quantized checkpoint (meta.json "quant")
+    comes back fake-quantized (common.quant.QuantLinear projections)."""
     import common  # noqa: F401  (registers nemotron-nas with the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_checkpoint(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
+        quant = load_meta(path).get("quant")
+        if quant:  # a quantized model (04 --quant): it computes with fake-quantized projections, as evaluated
+            from common.quant import restore_quantized_
+            restore_quantized_(model, quant)
         tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # files whole but inconsistent
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

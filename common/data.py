@@ -144,6 +144,25 @@ def collate(batch: list[dict], pad_id: int = 0) -> dict:
     return out
 
 
+def sft_records(path: str, split: str = "train") -> list[dict]:
+    """The chat records of a data_gen.build directory (<path>/<split>.jsonl); ValueError naming the fix if absent."""
+    f = os.path.join(path, f"{split}.jsonl")
+    if not os.path.isfile(f):
+        raise ValueError(f"--data {path} has no {split}.jsonl; give a directory written by data_gen.build")
+    return [r for _, r in json_lines(f)]
+
+
+def chat_documents(tokenizer, records: list[dict]) -> list[str]:
+    """Each record's whole conversation as the chat template renders it (toggle system prompt, user turns, the
+    assistant's output): documents for text_chunks, when a stage trains on all tokens of the SFT data."""
+    docs = []
+    for r in records:
+        reasoning = r.get("reasoning", "on" if r.get("system_prompt") == SYSTEM_ON else "off") == "on"
+        msgs = build_messages(r, reasoning) + [{"role": "assistant", "content": r["output"]}]
+        docs.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+    return docs
+
+
 def text_chunks(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
     """(N, seq_len) token ids: documents tokenized, joined with EOS between them, cut into full chunks."""
     eos = tokenizer.eos_token_id

@@ -196,7 +196,8 @@ def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max
     out = {"n": n, "accuracy": sum(correct) / n, "format_compliance": sum(fmt) / n,
            "mean_response_tokens": sum(lengths) / n,
            "truncated": sum(x >= max_new_tokens for x in lengths) / n,  # re-tokenized: approximate at the limit
-           "correct": [bool(c) for c in correct]}  # per problem, in order: paired before/after comparisons
+           "correct": [bool(c) for c in correct],  # per problem, in order: paired before/after comparisons
+           "format_ok": [bool(f) for f in fmt]}
     math = [(p["difficulty"], ok) for p, ok in zip(problems, correct) if "difficulty" in p and not p.get("constraints")]
     if math:  # math: accuracy per difficulty level; "multistep" = levels >= 3 (two or more steps)
         levels = sorted({lv for lv, _ in math})
@@ -355,7 +356,7 @@ def _gen_suite(model, tokenizer, s: dict, who: str = "model", cache: GenCache | 
 
 
 def _strip_samples(gen: dict) -> dict:
-    return {k: {kk: vv for kk, vv in v.items() if kk not in ("samples", "correct")} for k, v in gen.items()}
+    return {k: {kk: vv for kk, vv in v.items() if kk not in ("samples", "correct", "format_ok")} for k, v in gen.items()}
 
 
 def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = None,

@@ -244,6 +244,16 @@ def calibrate_act_amax(model: nn.Module, batches) -> int:
     return len(amax)
 
 
+def restore_quantized_(model: nn.Module, quant: dict) -> nn.Module:
+    """A checkpoint's meta.json "quant" ({"format", "quant_acts", "act_amax": {module name: amax}}, written by
+    04_distill.py --quant) applied to the model loaded from it: the fake-quantized model that was evaluated."""
+    quantize_model_(model, quant["format"], quant.get("quant_acts", True))
+    modules = dict(model.named_modules())
+    for name, amax in (quant.get("act_amax") or {}).items():
+        modules[name].act_amax = amax
+    return model
+
+
 @torch.no_grad()
 def fake_quantize_model_(model: nn.Module, per_channel: bool = True) -> int:
     """Replace every quantizable Linear weight by its FP8-rounded value, in place (weights only); returns the count."""
