@@ -291,24 +291,28 @@ def quant_findings(table: dict) -> dict:
     return out
 
 
-def print_quant_table(metrics: dict) -> None:
+def quant_report(metrics: dict, title: str) -> list[str]:
+    """The table as markdown lines: printed, and stored in the metrics file for the run's report."""
     def cell(r, k, digits=3):
         if k not in r:
             return "-"
         d = f" ({r['d_' + k]:+.{digits}f} ± {r['d_' + k + '_se']:.{digits}f})" if "d_" + k in r and r["method"] != "bf16" else ""
         return f"{r[k]:.{digits}f}{d}"
-    print(f"\n{metrics['format'].upper()} ({'weights + activations' if metrics['quant_acts'] else 'weights'}, "
-          f"{metrics['quantized_linears']} projections) of {metrics['student']}; {metrics['tokens_per_method']} "
-          f"training tokens per method; (Δ ± paired SE vs the full-precision model)")
-    print("| method | KL to full precision | next-token acc | math on | math off | think format on | format off "
-          "| IF all-met |")
-    print("|---|---|---|---|---|---|---|---|")
+    n = {k: next((r[f"{k}_n"] for r in metrics["table"] if f"{k}_n" in r), 0) for k in ("math_on", "if")}
+    lines = [f"## {title}", "",
+             f"{metrics['format'].upper()} ({'weights + activations' if metrics['quant_acts'] else 'weights'}, "
+             f"{metrics['quantized_linears']} projections) of {metrics['student']}; {metrics['tokens_per_method']} "
+             f"training tokens per method; math n={n['math_on']} per mode, IF n={n['if']}; each cell: value (Δ ± "
+             f"paired SE vs the full-precision row \"bf16\")", "",
+             "| method | KL to full precision | next-token acc | math on | math off | think format on | format off "
+             "| IF all-met |", "|---|---|---|---|---|---|---|---|"]
     for r in metrics["table"]:
         kl = f"{r['kl_parent']:.4f} ± {r['kl_parent_se']:.4f}" if "kl_parent" in r else "-"
-        print(f"| {r['method']} | {kl} | {cell(r, 'next_token_acc', 4)} | {cell(r, 'math_on')} | {cell(r, 'math_off')} "
-              f"| {cell(r, 'format_on')} | {cell(r, 'format_off')} | {cell(r, 'if')} |")
+        lines.append(f"| {r['method']} | {kl} | {cell(r, 'next_token_acc', 4)} | {cell(r, 'math_on')} "
+                     f"| {cell(r, 'math_off')} | {cell(r, 'format_on')} | {cell(r, 'format_off')} | {cell(r, 'if')} |")
     if metrics["findings"]:
-        print("findings: " + json.dumps(metrics["findings"]))
+        lines += ["", "findings: " + json.dumps(metrics["findings"])]
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------
@@ -608,8 +612,9 @@ def main(argv=None):
             save_checkpoint(student, tokenizer, args.out, stage="qad", args=user_config,
                             meta={"parent": teacher_path, "input": args.student, "quant": quant,
                                   "metrics": {"table": metrics["table"], "findings": metrics["findings"]}})
+            metrics["report"] = quant_report(metrics, args.metrics_name)
             metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
-            print_quant_table(metrics)
+            print("\n" + "\n".join(metrics["report"]))
             print(f"checkpoint ({keep[0]}): {args.out}; metrics: {metrics_path}")
         wandb_run.finish()
         return None

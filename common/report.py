@@ -2,6 +2,7 @@
 
     python -m common.report --run-dir runs/smol        # prints markdown, writes runs/smol/REPORT.md
 
+A stage that stores its own table (a "report" list of markdown lines, e.g. 04 --quant) is printed as written.
 Known stages get the paper-style tables (Puzzle baselines and sweep, fusion levels, KD before/after and the
 loss ablation, the SFT toggle table); any other metrics file is listed as metric | value.
 """
@@ -349,6 +350,8 @@ def _generic(m, name):
 
 
 def _renderer(name, m):
+    if isinstance(m.get("report"), list):  # a stage that writes its own table (markdown lines)
+        return lambda m, _: m["report"] + [""]
     if name == "timings":
         return _timings
     if name == "bld":

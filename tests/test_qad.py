@@ -73,3 +73,9 @@ def test_bad_quant_flags_exit_with_one_line(qad_run, capsys):
             distill.main(base + extra)
         assert msg in str(e.value) and "\n" not in str(e.value)
     assert not (qad_run / "x1").exists()
+
+
+def test_the_run_report_prints_the_stages_own_table(qad_run):
+    from common.report import render
+    text = render(str(qad_run))
+    assert "## qad_nvfp4" in text and "| qad_self |" in text and "KL to full precision" in text
