@@ -7,6 +7,10 @@ Each layer is an attention subblock and an FFN subblock, and each subblock is on
 The config and weight names are NVIDIA's (Llama-3.3-Nemotron-Super-49B, Ultra-253B), so a child we
 build loads in vLLM's DeciLMForCausalLM and in NVIDIA's HF modeling code. A config whose blocks all
 equal the parent's is exactly LlamaForCausalLM (tests/test_model.py checks the logits).
+
+kv_cache_dtype "fp8" stores K (after RoPE) and V in an FP8 E4M3 cache with one float32 scale per layer and tensor
+(`self_attn.k_scale` / `v_scale`, the names vLLM and llm-compressor use), fake-quantized here; "auto" (default) keeps
+them in the model's dtype.
 """
 
 from dataclasses import asdict, dataclass
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -46,15 +50,20 @@ def intermediate_size_to_ffn_mult(width: int, hidden_size: int) -> float:
 
 
 # Keys NVIDIA's block configs carry for features this repo does not implement; accepted while inactive.
-_INACTIVE_KEYS = {"sparsify", "num_sink_tokens", "use_prefill_window_in_sink_attention", "unshifted_sink",
-                  "window_length", "weight_groups", "parallel_blocks", "llama4", "mamba", "moe"}
+_INACTIVE_KEYS = {"sparsify", "use_prefill_window_in_sink_attention", "unshifted_sink", "weight_groups",
+                  "parallel_blocks", "llama4", "mamba", "moe"}
 
 
 @dataclass
 class AttentionConfig:
+    """window_length W: a query sees the last W positions (itself included) and, with num_sink_tokens S, the first S
+    positions of the sequence (gpt-oss-puzzle's window layers; NVIDIA's keys); the layer caches at most S + W - 1
+    positions between steps. None: full causal attention."""
     n_heads_in_group: int | None = None
     no_op: bool = False
     replace_with_linear: bool = False
+    window_length: int | None = None
+    num_sink_tokens: int | None = None
 
     @property
     def has_kv_cache(self) -> bool:
@@ -91,7 +100,9 @@ class BlockConfig:
         return cls(**parts)
 
     def to_dict(self) -> dict:
-        return {"attention": asdict(self.attention), "ffn": asdict(self.ffn)}
+        attention = {k: v for k, v in asdict(self.attention).items()  # window keys only where set: older configs
+                     if k not in ("window_length", "num_sink_tokens") or v is not None}  # stay byte-identical
+        return {"attention": attention, "ffn": asdict(self.ffn)}
 
 
 def parent_block(n_heads_in_group: int, ffn_mult: float) -> BlockConfig:
@@ -100,6 +111,8 @@ def parent_block(n_heads_in_group: int, ffn_mult: float) -> BlockConfig:
 
 # ----------------------------------------------------------------------------
 # Config
+
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @strict(accept_kwargs=True)
@@ -125,9 +138,12 @@ class DeciLMConfig(PreTrainedConfig):
     attention_bias: bool = False
     mlp_bias: bool = False
     block_configs: list | None = None
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": E4M3 with per-layer k_scale / v_scale
 
     def __post_init__(self, **kwargs):
         kwargs.pop("architectures", None)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one of {KV_CACHE_DTYPES}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.block_configs is None:  # a plain Llama-like default: full attention (MHA), ffn_mult 4
@@ -146,6 +162,10 @@ class DeciLMConfig(PreTrainedConfig):
                     divisors = [d for d in range(1, self.num_attention_heads + 1) if self.num_attention_heads % d == 0]
                     raise ValueError(f"layer {i}: n_heads_in_group={g} does not divide num_attention_heads="
                                      f"{self.num_attention_heads}; use one of {divisors}")
+            if a.window_length is not None and (not a.has_kv_cache or a.window_length < 1):
+                raise ValueError(f"layer {i}: window_length={a.window_length} needs full attention and W >= 1")
+            if a.num_sink_tokens and a.window_length is None:
+                raise ValueError(f"layer {i}: num_sink_tokens={a.num_sink_tokens} needs a window_length")
             if not f.no_op and not f.replace_with_linear and not (f.ffn_mult and f.ffn_mult > 0):
                 raise ValueError(f"layer {i}: ffn_mult={f.ffn_mult} must be > 0 for a SwiGLU FFN")
         super().__post_init__(**kwargs)
@@ -156,11 +176,15 @@ class DeciLMConfig(PreTrainedConfig):
     def to_dict(self):
         out = super().to_dict()
         out["block_configs"] = [b.to_dict() for b in self.block_configs]
+        if out.get("kv_cache_dtype") == "auto":  # written only when set: "auto" configs stay as they were
+            del out["kv_cache_dtype"]
         return out
 
     def to_diff_dict(self):
         out = super().to_diff_dict()
         out["block_configs"] = [b.to_dict() for b in self.block_configs]
+        if out.get("kv_cache_dtype") == "auto":
+            del out["kv_cache_dtype"]
         return out
 
     def intermediate_size(self, layer: int) -> int:
@@ -217,12 +241,27 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-class Attention(nn.Module):
-    """GQA self-attention with num_attention_heads // n_heads_in_group KV heads (SDPA, KV cache)."""
+FP8_E4M3_MAX = 448.0  # torch.float8_e4m3fn has no inf: its top code is this finite value
 
-    def __init__(self, config: DeciLMConfig, layer_idx: int, n_heads_in_group: int):
+
+def fake_quant_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x written to an FP8 E4M3 KV cache with a per-tensor scale and read back, in x's dtype:
+    (x / scale).clamp(-448, 448) rounded to E4M3, times scale; float32 in between, as vLLM's cache kernels compute."""
+    q = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with num_attention_heads // n_heads_in_group KV heads (SDPA, KV cache).
+
+    With kv_cache_dtype "fp8", K (after RoPE: what is cached) and V are fake-quantized before they enter the cache and
+    the attention, with the scalar float32 buffers k_scale / v_scale (saved in the checkpoint)."""
+
+    def __init__(self, config: DeciLMConfig, layer_idx: int, n_heads_in_group: int, window_length: int | None = None,
+                 num_sink_tokens: int | None = None):
         super().__init__()
         self.layer_idx, self.head_dim = layer_idx, config.head_dim
+        self.window, self.sinks = window_length, num_sink_tokens or 0
         self.n_heads = config.num_attention_heads
         self.n_kv = self.n_heads // n_heads_in_group
         h, d, bias = config.hidden_size, config.head_dim, config.attention_bias
@@ -230,16 +269,35 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * d, bias=bias)
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=bias)
+        self.kv_fp8 = False
+        if config.kv_cache_dtype == "fp8":
+            self.use_fp8_kv_cache()
 
-    def forward(self, x, rope, mask=None, cache=None):
+    def use_fp8_kv_cache(self, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        """Cache K and V in FP8 E4M3 with these per-tensor scales (1.0: unscaled, vLLM's default without scales)."""
+        device = self.k_proj.weight.device
+        self.register_buffer("k_scale", torch.tensor(float(k_scale), dtype=torch.float32, device=device))
+        self.register_buffer("v_scale", torch.tensor(float(v_scale), dtype=torch.float32, device=device))
+        self.kv_fp8 = True
+
+    def qkv(self, x, rope):
+        """Queries, keys and values (B, heads, T, head_dim), RoPE applied to q and k; full precision."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x, rope, mask=None, cache=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, rope)
+        if self.kv_fp8:  # what an FP8 cache holds, used for this step's attention too
+            k, v = fake_quant_kv(k, self.k_scale), fake_quant_kv(v, self.v_scale)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        if self.window is not None:
+            mask = self.window_mask(cache, T, k.shape[-2], mask, x.device)
         gqa = self.n_kv != self.n_heads
         if gqa and mask is not None and x.device.type == "cuda":  # CUDA's masked SDPA kernels take no GQA: repeat
             rep = self.n_heads // self.n_kv
@@ -247,6 +305,42 @@ class Attention(nn.Module):
             gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+    def window_mask(self, cache, q_len: int, kv_len: int, mask, device):
+        """Bool (B|1, 1, q, kv): key j (absolute position p_j) is visible to query i (position q_i) when p_j <= q_i and
+        q_i - p_j < W or p_j < S; the padding mask's columns are those of the keys the cache kept."""
+        layer = cache.layers[self.layer_idx] if cache is not None else None
+        pos = layer.last_positions if isinstance(layer, WindowCacheLayer) else torch.arange(kv_len, device=device)
+        q_pos = pos[-q_len:, None]
+        seen = (pos[None] <= q_pos) & ((q_pos - pos[None] < self.window) | (pos[None] < self.sinks))
+        return seen[None, None] if mask is None else mask[..., pos] & seen  # mask columns: absolute positions
+
+
+class WindowCacheLayer(DynamicLayer):
+    """The KV cache of a window layer: after each update it keeps the first S and the last W - 1 positions (all a
+    later query can see), so it never holds more than S + W - 1; `last_positions`: the absolute positions of the keys
+    the last update returned (kept + new), for the mask. get_seq_length() counts every token seen."""
+
+    def __init__(self, window_length: int, num_sink_tokens: int = 0):
+        super().__init__()
+        self.window, self.sinks, self.seen = window_length, num_sink_tokens, 0
+        self.positions = self.last_positions = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.positions = torch.zeros(0, dtype=torch.long, device=key_states.device)
+        new = torch.arange(self.seen, self.seen + key_states.shape[-2], device=key_states.device)
+        self.seen += key_states.shape[-2]
+        keys, values = torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+        self.last_positions = pos = torch.cat([self.positions, new])
+        keep = (pos < self.sinks) | (pos > self.seen - self.window)
+        self.keys, self.values, self.positions = keys[:, :, keep], values[:, :, keep], pos[keep]
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen
 
 
 class LinearAttention(nn.Module):
@@ -291,7 +385,7 @@ def build_attention(config, layer_idx, attn: AttentionConfig):
         return None
     if attn.replace_with_linear:
         return LinearAttention(config)
-    return Attention(config, layer_idx, attn.n_heads_in_group)
+    return Attention(config, layer_idx, attn.n_heads_in_group, attn.window_length, attn.num_sink_tokens)
 
 
 def build_ffn(config, ffn: FFNConfig):
@@ -349,6 +443,10 @@ class DeciLMPreTrainedModel(PreTrainedModel):
         if isinstance(module, RotaryEmbedding):  # a non-persistent buffer: recomputed, never loaded
             with torch.no_grad():
                 module.inv_freq.copy_(module.compute_inv_freq()[0])
+        if isinstance(module, Attention) and module.kv_fp8:  # FP8 KV scales absent from a checkpoint: unscaled
+            with torch.no_grad():
+                module.k_scale.fill_(1.0)
+                module.v_scale.fill_(1.0)
 
 
 def attention_mask_4d(attention_mask, q_len: int, past: int, dtype_device_ref):
@@ -379,6 +477,20 @@ class DeciLMModel(DeciLMPreTrainedModel):
         self.rotary_emb = RotaryEmbedding(config)
         self.post_init()
 
+    def use_window_cache_layers(self, cache) -> None:
+        """Window layers cache in a WindowCacheLayer (at most S + W - 1 positions), whoever made the cache."""
+        for i, b in enumerate(self.config.block_configs):
+            a = b.attention
+            if a.window_length is None or not a.has_kv_cache:
+                continue
+            while len(cache.layers) <= i:
+                cache.layers.append(DynamicLayer())
+            if not isinstance(cache.layers[i], WindowCacheLayer):
+                if cache.layers[i].is_initialized:
+                    raise ValueError(f"layer {i} is a window layer but its cache was filled as a full layer; start "
+                                     f"from an empty cache")
+                cache.layers[i] = WindowCacheLayer(a.window_length, a.num_sink_tokens or 0)
+
     def past_length(self, cache) -> int:
         """Tokens already cached, read from the first layer that keeps a KV cache (layer 0 may be no-op)."""
         if cache is None:
@@ -395,6 +507,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         cache = past_key_values if use_cache or past_key_values is not None else None
+        if cache is not None:
+            self.use_window_cache_layers(cache)
         past = self.past_length(cache)
         if position_ids is None:
             position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
