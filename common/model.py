@@ -164,6 +164,8 @@ class DeciLMConfig(PreTrainedConfig):
                                      f"{self.num_attention_heads}; use one of {divisors}")
             if a.window_length is not None and (not a.has_kv_cache or a.window_length < 1):
                 raise ValueError(f"layer {i}: window_length={a.window_length} needs full attention and W >= 1")
+            if a.num_sink_tokens is not None and a.num_sink_tokens < 0:
+                raise ValueError(f"layer {i}: num_sink_tokens={a.num_sink_tokens} must be >= 0")
             if a.num_sink_tokens and a.window_length is None:
                 raise ValueError(f"layer {i}: num_sink_tokens={a.num_sink_tokens} needs a window_length")
             if not f.no_op and not f.replace_with_linear and not (f.ffn_mult and f.ffn_mult > 0):
@@ -294,8 +296,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, rope)
         if self.kv_fp8:  # what an FP8 cache holds, used for this step's attention too
             k, v = fake_quant_kv(k, self.k_scale), fake_quant_kv(v, self.v_scale)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+        if cache is not None:  # a window layer's cache keeps every row's sinks: it is told which tokens are real
+            k, v = cache.update(k, v, self.layer_idx, *([{"real_tokens": real_tokens(mask)}] if self.window else []))
         if self.window is not None:
             mask = self.window_mask(cache, T, k.shape[-2], mask, x.device)
         gqa = self.n_kv != self.n_heads
@@ -308,26 +310,39 @@ class Attention(nn.Module):
 
 
     def window_mask(self, cache, q_len: int, kv_len: int, mask, device):
-        """Bool (B|1, 1, q, kv): key j (absolute position p_j) is visible to query i (position q_i) when p_j <= q_i and
-        q_i - p_j < W or p_j < S; the padding mask's columns are those of the keys the cache kept."""
+        """Bool (B|1, 1, q, kv): key j is visible to query i when j <= i and, counting a row's real tokens only (its
+        left padding holds no position, as position_ids count them), r_i - r_j < W or r_j < S (one of the row's first
+        S tokens); the padding mask's columns are those of the keys the cache kept (absolute positions), so a padded
+        row attends as it would alone."""
         layer = cache.layers[self.layer_idx] if cache is not None else None
         pos = layer.last_positions if isinstance(layer, WindowCacheLayer) else torch.arange(kv_len, device=device)
-        q_pos = pos[-q_len:, None]
-        seen = (pos[None] <= q_pos) & ((q_pos - pos[None] < self.window) | (pos[None] < self.sinks))
-        return seen[None, None] if mask is None else mask[..., pos] & seen  # mask columns: absolute positions
+        causal = pos[None] <= pos[-q_len:, None]
+        real = real_tokens(mask)
+        r = pos[None] if real is None else (real.long().cumsum(-1) - 1)[:, pos]  # (B|1, kv): real-token index
+        rq, rk = r[:, -q_len:, None], r[:, None, :]
+        seen = causal & ((rq - rk < self.window) | (rk < self.sinks))  # (B|1, q, kv)
+        return seen[:, None] if mask is None else mask[..., pos] & seen[:, None]  # mask columns: absolute positions
+
+
+def real_tokens(mask):
+    """(B, positions) bool, which cache positions hold real tokens, read off a (B, 1, q, kv) attention mask's last
+    query row (that query, the newest token, sees every earlier real token); None without a mask (nothing padded)."""
+    return None if mask is None else mask[:, 0, -1, :].bool()
 
 
 class WindowCacheLayer(DynamicLayer):
     """The KV cache of a window layer: after each update it keeps the first S and the last W - 1 positions (all a
     later query can see), so it never holds more than S + W - 1; `last_positions`: the absolute positions of the keys
-    the last update returned (kept + new), for the mask. get_seq_length() counts every token seen."""
+    the last update returned (kept + new), for the mask. get_seq_length() counts every token seen. In a left-padded
+    batch (cache_kwargs "real_tokens", Attention passes it) the first S real tokens of every row are kept, so with
+    sinks the cache may hold as many more positions as the rows' padding lengths differ."""
 
     def __init__(self, window_length: int, num_sink_tokens: int = 0):
         super().__init__()
         self.window, self.sinks, self.seen = window_length, num_sink_tokens, 0
         self.positions = self.last_positions = None
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states, value_states, cache_kwargs=None, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.positions = torch.zeros(0, dtype=torch.long, device=key_states.device)
@@ -335,7 +350,12 @@ class WindowCacheLayer(DynamicLayer):
         self.seen += key_states.shape[-2]
         keys, values = torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
         self.last_positions = pos = torch.cat([self.positions, new])
-        keep = (pos < self.sinks) | (pos > self.seen - self.window)
+        real = (cache_kwargs or {}).get("real_tokens")
+        if real is None or not self.sinks:
+            sink = pos < self.sinks
+        else:  # a position that is one of the first S real tokens of any row
+            sink = (real & (real.long().cumsum(-1) <= self.sinks)).any(0)[pos]
+        keep = sink | (pos > self.seen - self.window)
         self.keys, self.values, self.positions = keys[:, :, keep], values[:, :, keep], pos[keep]
         return keys, values
 
