@@ -9,4 +9,4 @@ bash install.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=disabled
 .venv/bin/python -m pytest -q tests/ "$@"
 bash install_vllm.sh
-.venv-vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_rollouts.py
+.venv-vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_rollouts.py tests/test_vllm_export.py
