@@ -296,3 +296,154 @@ def kv_cache_bytes_per_layer(config, kv_dtype: str = "bf16") -> list:
 def kv_cache_bytes(config, num_tokens: int, kv_dtype: str = "bf16") -> int:
     """Whole-model KV cache for num_tokens = batch x sequence cached tokens."""
     return num_tokens * sum(kv_cache_bytes_per_layer(config, kv_dtype))
+
+
+# ----------------------------------------------------------------------------
+# FP8 KV cache
+#
+# One float32 scale per layer for K and one for V (gpt-oss-puzzle's calibrated FP8 KV cache): the amax of the
+# post-RoPE keys (what is cached) and of the values on calibration text, / 448, so the largest calibration value
+# lands on E4M3's top code. The model runs with kv_cache_dtype "fp8" (common/model.py: Attention fake-quantizes K and
+# V with its k_scale / v_scale buffers), so the accuracy cost is measured on any CPU. The scales are saved as
+# model.layers.{i}.self_attn.k_scale / v_scale, the names llm-compressor writes and vLLM's
+# maybe_remap_kv_scale_name maps onto its Attention (self_attn.attn.k_scale). Without scales vLLM uses 1.0
+# ("unscaled FP8": set_kv_cache_fp8_ with no scales reproduces it).
+#
+#     python -m common.quant kv-calibrate --model runs/smol/parent --out runs/smol/parent_kv_fp8
+#     python -m common.quant kv-calibrate --model runs/smol/parent --out runs/smol/parent_kv_fp8_unscaled --unscaled
+
+
+def kv_attention_modules(model: nn.Module) -> list:
+    """The full-attention modules (those that keep a KV cache), in layer order."""
+    from common.model import Attention
+    return sorted((m for m in getattr(model, "module", model).modules() if isinstance(m, Attention)),
+                  key=lambda m: m.layer_idx)
+
+
+@torch.no_grad()
+def calibrate_kv_scales(model: nn.Module, batches) -> tuple[list, list]:
+    """(k_scales, v_scales), one entry per layer: amax over the calibration batches (input ids) of the post-RoPE keys
+    and of the values, / 448; None for a layer without attention (no-op or a linear: no cache). The full-precision
+    K and V are observed, also in a model already running an FP8 cache. Run on text disjoint from the evaluation text."""
+    attn = kv_attention_modules(model)
+    n = model.config.num_hidden_layers
+    kmax, vmax = [None] * n, [None] * n
+
+    def observe(mod, args):  # DecoderLayer calls self_attn(x, rope, mask, cache)
+        _, k, v = mod.qkv(args[0], args[1])
+        i = mod.layer_idx
+        kmax[i] = max(kmax[i] or 0.0, k.detach().abs().max().float().item())
+        vmax[i] = max(vmax[i] or 0.0, v.detach().abs().max().float().item())
+
+    hooks = [m.register_forward_pre_hook(observe) for m in attn]
+    device, seen = next(model.parameters()).device, 0
+    try:
+        for ids in batches:
+            model(ids.to(device), use_cache=False)
+            seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if attn and not seen:
+        raise ValueError("calibrate_kv_scales: no calibration batches; give at least one batch of input ids")
+
+    def scales(amax):
+        return [None if a is None else max(a, AMAX_EPS) / FP8_MAX for a in amax]
+    return scales(kmax), scales(vmax)
+
+
+def set_kv_cache_fp8_(model: nn.Module, k_scales: list | None = None, v_scales: list | None = None) -> int:
+    """Switch a loaded model to an FP8 (E4M3) KV cache in place: config.kv_cache_dtype = "fp8" and each attention
+    layer's k_scale / v_scale buffers set (per-layer lists as calibrate_kv_scales returns; None = scale 1, vLLM's
+    "unscaled FP8" when a checkpoint carries no scales). Returns the number of attention layers."""
+    attn = kv_attention_modules(model)
+    n = model.config.num_hidden_layers
+    for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if scales is None:
+            continue
+        if len(scales) != n:
+            raise ValueError(f"{name} has {len(scales)} entries but the model has {n} layers; give one per layer")
+        bad = [m.layer_idx for m in attn if scales[m.layer_idx] is None or not 0 < scales[m.layer_idx] < float("inf")]
+        if bad:
+            raise ValueError(f"{name}: attention layers {bad} have no positive finite scale; calibrate them")
+    for m in attn:
+        i = m.layer_idx
+        m.use_fp8_kv_cache(1.0 if k_scales is None else k_scales[i], 1.0 if v_scales is None else v_scales[i])
+    model.config.kv_cache_dtype = "fp8"
+    return len(attn)
+
+
+def kv_calibration_chunks(tokenizer, num_tokens: int, seq_len: int) -> torch.Tensor:
+    """(n, seq_len) token ids of calibration text, n = max(1, num_tokens // seq_len): the distillation mix
+    (data_gen.text "train", disjoint by document from the evaluation suite's held-out text) packed by text_chunks,
+    n chunks evenly spaced over it so that pydoc topics and module docstrings both calibrate."""
+    from common.data import text_chunks
+    from data_gen.text import distill_documents
+
+    chunks = text_chunks(tokenizer, distill_documents("train"), seq_len)
+    n = max(1, num_tokens // seq_len)
+    if n > len(chunks):
+        raise ValueError(f"the calibration text has {len(chunks)} chunks of {seq_len} tokens, fewer than the {n} "
+                         f"asked for; lower --calib-tokens or --seq-len")
+    return chunks[torch.linspace(0, len(chunks) - 1, n).round().long().unique()]
+
+
+def kv_calibrate_main(argv=None) -> None:
+    """`python -m common.quant kv-calibrate`: a copy of --model with an FP8 KV cache and calibrated scales."""
+    import argparse
+    import os
+    import time
+
+    from common.checkpoint import CheckpointError, check_checkpoint, check_out_free, load_checkpoint, save_checkpoint
+    from common.cli import die, positive_int
+
+    p = argparse.ArgumentParser(prog="python -m common.quant kv-calibrate",
+                                description="Write a copy of a checkpoint whose KV cache is FP8 E4M3 with per-layer "
+                                            "K / V scales calibrated on the distillation text (amax / 448)")
+    p.add_argument("--model", required=True, help="input checkpoint directory")
+    p.add_argument("--out", required=True, help="new checkpoint directory (must not exist)")
+    p.add_argument("--unscaled", action="store_true", help="no calibration: every scale 1.0 (vLLM's FP8 KV cache "
+                                                           "for a checkpoint without scales), the baseline")
+    p.add_argument("--calib-tokens", type=positive_int, default=16384, help="calibration tokens")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="calibration sequence length")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="calibration sequences per forward")
+    args = p.parse_args(argv)
+    try:  # everything checked before anything is loaded or written
+        check_checkpoint(args.model)
+        check_out_free(args.out)
+    except CheckpointError as e:
+        die(str(e))
+
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer = load_checkpoint(args.model, dtype=torch.float32)  # amax in float32
+    except CheckpointError as e:
+        die(str(e))
+    k_scales = v_scales = None
+    data = None
+    if not args.unscaled:
+        try:
+            chunks = kv_calibration_chunks(tokenizer, args.calib_tokens, args.seq_len)
+        except ValueError as e:
+            die(str(e))
+        k_scales, v_scales = calibrate_kv_scales(model, chunks.split(args.batch_size))
+        data = {"text": 'data_gen.text.distill_documents("train")', "sequences": len(chunks), "seq_len": args.seq_len,
+                "tokens": chunks.numel()}
+    n = set_kv_cache_fp8_(model, k_scales, v_scales)
+    scales = {"k_scale": k_scales, "v_scale": v_scales} if k_scales is not None else "1.0 (unscaled)"
+    out = save_checkpoint(model, tokenizer, args.out, stage="kv_fp8", args=vars(args),
+                          meta={"parent": os.path.abspath(args.model), "input": os.path.abspath(args.model),
+                                "kv_cache": {"dtype": "fp8_e4m3", "scales": scales, "calibration": data}})
+    print(f"{'layer':>5}{'k_scale':>12}{'v_scale':>12}   (amax / 448)")
+    for m in kv_attention_modules(model):
+        print(f"{m.layer_idx:>5}{m.k_scale.item():>12.5g}{m.v_scale.item():>12.5g}")
+    how = "unscaled" if args.unscaled else f"{data['tokens']} calibration tokens"
+    print(f"kv_fp8: {n} attention layers, {how}, {time.perf_counter() - t0:.0f}s -> {out}")
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) < 2 or sys.argv[1] != "kv-calibrate":
+        sys.exit("usage: python -m common.quant kv-calibrate --model CKPT --out OUT [--unscaled] [--calib-tokens N] "
+                 "[--seq-len L]")
+    kv_calibrate_main(sys.argv[2:])
