@@ -35,11 +35,10 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.quant import (AMAX_EPS, FP4_VALUES, FP8_DTYPE, NVFP4_BLOCK, QuantLinear, dequantize_fp8, dequantize_nvfp4,
-                          nvfp4_global_scale, quantizable_linears, quantize_fp8, quantize_nvfp4)
+from common.quant import (AMAX_EPS, FP4_VALUES, FP8_DTYPE, FUSED, NVFP4_BLOCK, QuantLinear, dequantize_fp8,
+                          dequantize_nvfp4, nvfp4_global_scale, quantizable_linears, quantize_fp8, quantize_nvfp4)
 
 FORMATS = {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized"}  # our name -> compressed-tensors' format
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's packed_modules_mapping (nemotron_nas)
 IGNORE = ["lm_head", "model.embed_tokens", "re:.*norm$"]  # stay in full precision (targets are Linear layers only)
 KV_SCALES = ("k_scale", "v_scale")
 E2M1 = torch.tensor(FP4_VALUES)  # code 0..7 -> magnitude; bit 3 is the sign

@@ -84,7 +84,7 @@ def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     """Dynamic per-token activation quantization (vLLM's fp8 'dynamic' scheme): one scale per row of the last dim."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_EPS) / FP8_MAX
-    return (e4m3_round(xf / scale) * scale).to(x.dtype)
+    return (e4m3_round(xf * (1.0 / scale)) * scale).to(x.dtype)  # x * (1 / s), as vLLM's kernel: rounds alike at ties
 
 
 # ----------------------------------------------------------------------------
@@ -136,12 +136,16 @@ def straight_through(x: torch.Tensor, xq: torch.Tensor, limit=None) -> torch.Ten
     return out
 
 
-def fake_quant_weight(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """A Linear weight (out, in) as the format stores it: fp8 per output channel, nvfp4 in blocks along `in`."""
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # what vLLM runs as one Linear (qkv, gate_up)
+
+
+def fake_quant_weight(w: torch.Tensor, fmt: str, amax=None) -> torch.Tensor:
+    """A Linear weight (out, in) as the format stores it: fp8 per output channel, nvfp4 in blocks along `in` with
+    the per-tensor scale from `amax` (default the weight's own; a fused group's shared amax where vLLM fuses)."""
     if fmt == "fp8":
         return fake_quant_fp8(w, per_channel=True)
     if fmt == "nvfp4":
-        return fake_quant_nvfp4(w)
+        return fake_quant_nvfp4(w, amax)
     raise ValueError(f"unknown quantization format {fmt!r}: expected one of {FORMATS}")
 
 
@@ -166,13 +170,20 @@ class QuantLinear(nn.Linear):
     quant_acts: bool = True
     act_amax: float | None = None  # calibrated input amax (nvfp4's static per-tensor activation scale)
 
+    def group_amax(self):
+        """NVFP4's per-tensor amax: the largest over the Linears vLLM fuses with this one (q/k/v, gate/up share one
+        global scale when served), so the model trained and evaluated here is the model served."""
+        group = self.__dict__.get("_group") or (self,)
+        return torch.stack([m.weight.detach().abs().max().float() for m in group]).max()
+
     def quantized_weight(self) -> torch.Tensor:
         w = self.weight
+        amax = self.group_amax() if self.fmt == "nvfp4" else None
         if torch.is_grad_enabled() and w.requires_grad:
-            return straight_through(w, fake_quant_weight(w, self.fmt))
-        key = (w.data_ptr(), w._version, w.dtype)
+            return straight_through(w, fake_quant_weight(w, self.fmt, amax))
+        key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in self.__dict__.get("_group") or (self,))
         if getattr(self, "_wq_key", None) != key:
-            self._wq, self._wq_key = fake_quant_weight(w.detach(), self.fmt), key
+            self._wq, self._wq_key = fake_quant_weight(w.detach(), self.fmt, amax), key
         return self._wq
 
     def forward(self, x):
@@ -205,6 +216,11 @@ def quantize_model_(model: nn.Module, fmt: str, quant_acts: bool = True) -> int:
             raise ValueError(f"NVFP4 needs in_features divisible by {NVFP4_BLOCK}; a Linear has {m.in_features}")
         m.__class__ = QuantLinear  # same object, same parameters: optimizers, DDP and state dicts see no change
         m.fmt, m.quant_acts, m.act_amax = fmt, quant_acts, None
+    by_name = dict(linears)
+    for name, m in linears:  # siblings vLLM fuses (a plain list in __dict__: not registered as submodules)
+        parent, _, leaf = name.rpartition(".")
+        group = next((g for g in FUSED if leaf in g), (leaf,))
+        m.__dict__["_group"] = [by_name[f"{parent}.{g}"] for g in group if f"{parent}.{g}" in by_name]
     return len(linears)
 
 
@@ -214,7 +230,7 @@ def dequantize_model_(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.__class__ = nn.Linear
-            for attr in ("fmt", "quant_acts", "act_amax", "_wq", "_wq_key"):
+            for attr in ("fmt", "quant_acts", "act_amax", "_wq", "_wq_key", "_group"):
                 m.__dict__.pop(attr, None)
             n += 1
     return n

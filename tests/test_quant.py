@@ -147,10 +147,13 @@ def test_quantize_model_keeps_parameters_and_computes_with_the_rounded_weights(f
     ref = tiny_model()
     n = 0
     with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, torch.nn.Linear) and m.weight is not ref.model.embed_tokens.weight:
-                m.weight.copy_(fake_quant_fp8(m.weight, True) if fmt == "fp8" else fake_quant_nvfp4(m.weight))
-                n += 1
+        for layer in ref.model.layers:  # nvfp4: q/k/v and gate/up share one amax (vLLM serves them fused)
+            for group in ((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                          (layer.self_attn.o_proj,), (layer.mlp.gate_proj, layer.mlp.up_proj), (layer.mlp.down_proj,)):
+                amax = max(m.weight.abs().max() for m in group)
+                for m in group:
+                    m.weight.copy_(fake_quant_fp8(m.weight, True) if fmt == "fp8" else fake_quant_nvfp4(m.weight, amax))
+                    n += 1
         assert n == 28 and torch.allclose(fq, ref(ids).logits, atol=1e-5)
     assert not torch.allclose(fq, full, atol=1e-3)
     # gradients reach the master weights straight through; the weights themselves stay full precision
