@@ -77,6 +77,12 @@ stage rpo           "$R/rpo/COMPLETED"             $PY 07_rlhf.py --algo rpo --r
                       --policy "$R/rloo" --data "$D" --out "$R/rpo" --steps 24 --pairs-per-step 8 --eval-if 100 --eval-math 100 \
                       --lr 7e-7
 
+# 04 --quant: QAD of the LN-Nano line's final model into NVFP4 (W4A4, KL to itself at full precision) against PTQ at
+# the same start; the whole table (QAT, self-generated data, FP8) is one flag away (docs/quantization.md)
+stage qad_nvfp4     "$R/qad_nvfp4/COMPLETED"       $PY 04_distill.py --student "$R/rpo" --out "$R/qad_nvfp4" --quant nvfp4 \
+                      --data "$D" --quant-methods ptq,qad --tokens 32768 --lr 5e-5 --eval-problems 100 --eval-if 0 \
+                      --metrics-name qad_nvfp4
+
 # the newest model of each line through the whole evaluation suite against the parent (text, toggle, IF, speed)
 stage eval_sft      "$R/metrics/sft_eval.json"     $PY -m common.evaluate --model "$R/sft" --parent "$R/parent" --stage sft_eval --run-dir "$R"
 stage eval_rpo      "$R/metrics/rpo_eval.json"     $PY -m common.evaluate --model "$R/rpo" --parent "$R/parent" --stage rpo_eval --run-dir "$R"
