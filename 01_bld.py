@@ -1,10 +1,11 @@
 """Stage 1: Puzzle's block library, decoupled blockwise local distillation (BLD), replace-one-block scores.
 
-For every parent layer, every subblock variant (attention: parent, fewer KV heads, linear, no_op; FFN: parent
-width, narrower widths, linear, no_op) is initialized from the parent's weights (Puzzletron: FFN channels by
-||W_down[:,j]||*mean|a_j|, KV heads mean-pooled, linear = W_o@W_v / W_down@W_up or a least-squares fit), then
-trained to reproduce the parent subblock's output from the parent's own input (normalized MSE). Decoupled BLD:
-one parent forward per batch feeds every variant of every layer. Then each variant alone is put into the
+For every parent layer, every subblock variant (attention: parent, fewer KV heads, windows of the parent attention,
+linear, no_op; FFN: parent width, narrower widths, linear, no_op; common/variants.py, one entry per kind) is
+initialized from the parent's weights (Puzzletron: FFN channels by ||W_down[:,j]||*mean|a_j|, KV heads mean-pooled,
+a window = the parent attention's weights, linear = W_o@W_v / W_down@W_up or a least-squares fit), then trained
+to reproduce the parent subblock's output from the parent's own input (normalized MSE). Decoupled BLD: one parent
+forward per batch feeds every variant of every layer. Then each variant alone is put into the
 parent and scored on held-out text: KL(parent||model) (Puzzle's score), LM loss, top-1 agreement.
 Scoring is per block, as in Puzzle: every (attention, FFN) pair of a layer replaces that whole layer alone; the
 scoring text is its own split of the mix (first chunk of each of many documents), disjoint from the text the
@@ -12,7 +13,8 @@ evaluation suite reports on and the text 02's baselines select layers on.
 
     python 01_bld.py --parent runs/smol/parent --out runs/smol/library               # CPU, ~10 min (defaults)
     torchrun --standalone --nproc_per_node 8 01_bld.py --parent ... --out ... --num-seqs 4096 --seq-len 1024
-    python 01_bld.py --parent /tmp/tiny/parent --out /tmp/tiny/library --num-seqs 8 --seq-len 32 --score-seqs 2
+    python 01_bld.py --parent /tmp/tiny/parent --out /tmp/tiny/library --num-seqs 8 --seq-len 32 --score-seqs 2 \
+        --window-sizes 8,16
     python 01_bld.py ... --resume           # continue a crashed run from <out>.state/
 
 Under torchrun the (layer, variant) jobs are divided among ranks: each rank runs the same parent forward on the
@@ -36,6 +38,7 @@ from common.dist import autocast_ctx, compute_cleanup, compute_init, print0, pro
 from common.tracking import add_wandb_args, init_wandb
 from common.losses import normalized_mse
 from common.model import ffn_mult_to_intermediate_size
+from common.variants import config_to_dict, init_subblock
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
 from common.puzzle import (SUBBLOCKS, Subblock, attention_variants, embed, ffn_variants, pair_key,
@@ -55,6 +58,11 @@ def parse_args(argv=None):
                    help="fewer-KV-head variants, comma list ('auto' = every divisor)")
     p.add_argument("--ffn-widths", type=auto_or_list, default="auto",
                    help="narrower FFN widths, multiples of 256 ('auto' = all)")
+    p.add_argument("--window-sizes", type=int_list(1), default="32,64",
+                   help="window attention variants: the parent attention over the last W tokens, comma list of W "
+                        "('' = none; sized below --score-seq-len and --seq-len, where a window changes the output)")
+    p.add_argument("--window-sinks", type=nonneg_int, default=0,
+                   help="sink tokens S of every window variant (the first S tokens stay visible; vLLM serves S = 0)")
     p.add_argument("--no-linear", action="store_true", help="drop the linear-replacement variants")
     p.add_argument("--no-noop", action="store_true", help="drop the no_op variants")
     p.add_argument("--linear-init", default="lstsq", choices=["lstsq", "weights"], help="least squares or W_o@W_v")
@@ -135,46 +143,13 @@ def calibration_stats(parent, ids, batch_size, want_lstsq):
     return stats
 
 
-def lstsq_weight(xtx, xty):
-    ridge = 1e-4 * torch.trace(xtx) / xtx.shape[0]
-    return torch.linalg.solve(xtx + ridge * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device), xty).T.float()
-
-
 @torch.no_grad()
-def init_variant(parent, l, sub, v, stats, linear_init):
-    """A Subblock for variant v of layer l, weights derived from the parent's layer l."""
-    config, layer = parent.config, parent.model.layers[l]
-    sb = Subblock(config, l, sub, v["config"])
-    ps = parent_subblock_state(layer, sub)
-    new = {}
-    norm_key = "input_layernorm.weight" if sub == "attention" else "post_attention_layernorm.weight"
-    new[norm_key] = ps[norm_key]
-    c = v["config"]
-    if c.replace_with_linear and linear_init == "lstsq":
-        W = lstsq_weight(stats[l][sub + "_xtx"], stats[l][sub + "_xty"])
-        new["self_attn.linear_attn.weight" if sub == "attention" else "mlp.linear_mlp.weight"] = W
-    elif c.replace_with_linear and sub == "attention":  # "attend only to self": W_o @ W_v with KV repeated to heads
-        H, d = config.num_attention_heads, config.head_dim
-        wv = ps["self_attn.v_proj.weight"].view(-1, d, config.hidden_size)
-        wv = wv.repeat_interleave(H // wv.shape[0], dim=0).reshape(H * d, -1)
-        new["self_attn.linear_attn.weight"] = ps["self_attn.o_proj.weight"] @ wv
-    elif c.replace_with_linear:  # FFN: W_down @ W_up, gate ignored
-        new["mlp.linear_mlp.weight"] = ps["mlp.down_proj.weight"] @ ps["mlp.up_proj.weight"]
-    elif sub == "attention":  # fewer KV heads: mean-pool consecutive groups of K/V heads
-        d, h = config.head_dim, config.hidden_size
-        kv = config.num_attention_heads // c.n_heads_in_group
-        for k in ("q_proj", "o_proj"):
-            new[f"self_attn.{k}.weight"] = ps[f"self_attn.{k}.weight"]
-        for k in ("k_proj", "v_proj"):
-            w = ps[f"self_attn.{k}.weight"].view(-1, d, h)
-            new[f"self_attn.{k}.weight"] = w.view(kv, w.shape[0] // kv, d, h).mean(1).reshape(kv * d, h)
-    else:  # narrower FFN: keep the top channels by ||W_down[:, j]|| * mean|a_j|
-        width = ffn_mult_to_intermediate_size(c.ffn_mult, config.hidden_size)
-        score = ps["mlp.down_proj.weight"].float().norm(dim=0) * (stats[l]["act"] / max(1, stats[l]["n"]))
-        keep = score.topk(width).indices.sort().values
-        new["mlp.gate_proj.weight"] = ps["mlp.gate_proj.weight"][keep]
-        new["mlp.up_proj.weight"] = ps["mlp.up_proj.weight"][keep]
-        new["mlp.down_proj.weight"] = ps["mlp.down_proj.weight"][:, keep]
+def init_variant(parent, l, sub, cfg, stats, linear_init):
+    """A Subblock for variant `cfg` of layer l, weights derived from the parent's layer l by its kind's init
+    (common/variants.py)."""
+    sb = Subblock(parent.config, l, sub, cfg)
+    ps = parent_subblock_state(parent.model.layers[l], sub)
+    new = init_subblock(parent.config, sub, cfg, ps, stats[l], linear_init)
     sb.load_state_dict({k: t.float().clone() for k, t in new.items()})
     return sb
 
@@ -247,17 +222,24 @@ def main(argv=None):
     try:
         auto_kv, auto_w = [d for d in range(1, pkv) if pkv % d == 0 and H % d == 0], list(range(256, pw, 256))
         space = {"attention": attention_variants(config, auto_kv if args.kv_heads == "auto" else args.kv_heads,
-                                                 not args.no_linear, not args.no_noop),
+                                                 not args.no_linear, not args.no_noop, args.window_sizes,
+                                                 args.window_sinks),
                  "ffn": ffn_variants(config, auto_w if args.ffn_widths == "auto" else args.ffn_widths,
                                      not args.no_linear, not args.no_noop)}
     except ValueError as e:
         die(str(e))
+    short = [w for w in args.window_sizes if w + args.window_sinks >= min(args.seq_len, args.score_seq_len)]
+    if short:
+        print0(f"note: window sizes {short} (+ {args.window_sinks} sinks) cover --seq-len {args.seq_len} or "
+               f"--score-seq-len {args.score_seq_len}: there they equal the parent's attention, so BLD and the block "
+               f"scores cannot tell them apart; pick windows below both")
     entries = []
     for l in range(config.num_hidden_layers):
         for sub in SUBBLOCKS:
             for v in space[sub]:
                 entries.append({"key": variant_key(l, sub, v["name"]), "layer": l, "subblock": sub, "name": v["name"],
-                                "parent": v["parent"], "config_obj": v["config"], "config": v["config"].__dict__.copy(),
+                                "parent": v["parent"], "config_obj": v["config"],
+                                "config": config_to_dict(v["config"]),
                                 "params": subblock_params(config, sub, v["config"])})
     trainable = [e for e in entries if not e["parent"] and not e["config"]["no_op"]]
     mine = shard_list(trainable)  # this rank's (layer, variant) jobs
@@ -288,8 +270,7 @@ def main(argv=None):
     modules = torch.nn.ModuleDict()
     jobs_at = {}
     for e in mine:
-        modules[e["key"]] = init_variant(parent, e["layer"], e["subblock"], {"config": e["config_obj"]}, stats,
-                                         args.linear_init)
+        modules[e["key"]] = init_variant(parent, e["layer"], e["subblock"], e["config_obj"], stats, args.linear_init)
         jobs_at.setdefault((e["layer"], e["subblock"]), []).append(e["key"])
     del stats
     modules.to(device)
@@ -417,7 +398,7 @@ def main(argv=None):
                      "world_size": world_size}
         library = {"parent": os.path.abspath(args.parent), "num_layers": config.num_hidden_layers,
                    "hidden_size": config.hidden_size, "score_default": "kl",
-                   "space": {s: [{"name": v["name"], "config": v["config"].__dict__, "parent": v["parent"]}
+                   "space": {s: [{"name": v["name"], "config": config_to_dict(v["config"]), "parent": v["parent"]}
                                  for v in space[s]] for s in SUBBLOCKS},
                    "variants": lib_entries, "bld": bld_stats, "args": user_config}
         write_json_atomic(os.path.join(work, "scores.json"), {"parent": base, "pairs": scores,

@@ -2,7 +2,8 @@
 the chosen child assembled from the block library, and the baselines measured in the same harness.
 
 Costs per (layer, variant): parameters; memory = weights + KV cache for a serving scenario (batch, prefill
-length, generation length, KV dtype); runtime measured here for that scenario inside the full model (common/costs.py):
+length, generation length, KV dtype; a window layer caches min(prefill + generated, W + S) positions per sequence,
+common/variants.py); runtime measured here for that scenario inside the full model (common/costs.py):
 the variant swapped into all but one of the parent's layers, timed paired with the parent, (median difference) /
 layers, no_op = 0,
 never clipped; plus the ceiling, the parent with every block removed. Cached per device, threads, scenario, dtype and
@@ -19,11 +20,14 @@ narrowings add up: benchmarks/score_additivity.py measures both); the other scor
     python 02_mip_select.py --library runs/smol/library --out runs/smol/child --min-speedup 1.5 \
         --sweep 1.25,2,2.5,3                        # CPU, ~5 min with baselines (~1 of it costs, then cached)
     python 02_mip_select.py --library ... --out ... --max-memory-gib 0.5 --kv-tokens 300000 --kv-dtype fp8
+    python 02_mip_select.py --library ... --out ... --scenario long --max-memory-gib 0.4   # windows pay at long context
     python 02_mip_select.py --library /tmp/tiny/library --out /tmp/tiny/child --max-params 0.9 --batch 2 \
         --prefill 16 --gen-len 4 --eval-seqs 2 --no-baselines                # tiny smoke run
 
-Serving scenario default (batch 8, prefill 128, generate 64): a small chat batch on this CPU. At short context
-the LM head and per-layer overhead weigh heavily, so attention removal buys less than on a GPU at 300K tokens.
+Serving scenarios (--scenario): short (default; batch 8, prefill 128, generate 64), a small chat batch on this CPU;
+long (batch 8, prefill 1024, generate 256), where the KV cache outweighs the weights and window attention pays.
+--batch / --prefill / --gen-len override the preset. At short context the LM head and per-layer overhead weigh
+heavily, so attention removal buys less than on a GPU at 300K tokens.
 Output: <out> checkpoint + search.json (constraints, solutions, predicted vs measured costs, cost check, baselines,
 repeat) + pareto.png.
 """
@@ -48,10 +52,10 @@ from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint,
 from common.checkpoint import check_metrics_free, check_out_free, write_metrics
 from common.cli import add_dtype_arg, die, float_list, nonneg_int, off_or, positive_float, positive_int
 from common.data import bld_documents, spread_chunks
-from common.quant import DTYPE_BYTES, kv_bytes_per_token
+from common.quant import DTYPE_BYTES
 from common.model import num_params
-from common.puzzle import (SUBBLOCKS, assemble_child, load_library, load_variant_state, pair_key,
-                           replace_one_block_scores, stock_vllm_serves, variant_config_from_dict)
+from common.puzzle import assemble_child, load_library, load_variant_state, pair_key, replace_one_block_scores
+from common.variants import SUBBLOCKS, config_from_dict, kv_bytes, plugin_vllm_serves, stock_vllm_serves
 from data_gen.text import distill_documents
 
 # ----------------------------------------------------------------------------
@@ -64,12 +68,16 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="child checkpoint directory, e.g. runs/smol/child")
     p.add_argument("--parent", default=None, help="parent checkpoint (default: the one the library was built from)")
     # serving scenario (costs)
-    p.add_argument("--batch", type=positive_int, default=8)
-    p.add_argument("--prefill", type=positive_int, default=128, help="prompt tokens per sequence")
-    p.add_argument("--gen-len", type=positive_int, default=64, help="generated tokens per sequence")
+    p.add_argument("--scenario", default="short", choices=sorted(SCENARIOS),
+                   help="preset batch / prefill / gen-len: " + "; ".join(
+                       f"{k} {v['batch']} x ({v['prefill']} + {v['gen_len']})" for k, v in SCENARIOS.items()))
+    p.add_argument("--batch", type=positive_int, default=None, help="sequences (default: the scenario's)")
+    p.add_argument("--prefill", type=positive_int, default=None, help="prompt tokens per sequence (the scenario's)")
+    p.add_argument("--gen-len", type=positive_int, default=None, help="generated tokens per sequence (the scenario's)")
     p.add_argument("--kv-dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="KV cache dtype (fp8 = e4m3)")
     p.add_argument("--kv-tokens", type=off_or(positive_int), default=-1,
-                   help="cached tokens for memory (-1 = batch*(prefill+gen))")
+                   help="cached tokens for memory, all sequences (-1 = batch*(prefill+gen)); a window layer caches "
+                        "min(kv-tokens / batch, W + S) per sequence")
     p.add_argument("--weight-bytes", type=positive_float, default=2.0, help="bytes per weight for memory (bf16 = 2)")
     add_dtype_arg(p, "dtype the runtimes are measured in")
     p.add_argument("--cost-layers", type=off_or(positive_int), default=-1,
@@ -96,9 +104,10 @@ def parse_args(argv=None):
                    help="not in Puzzle: score every block again alone in the chosen child (KL still to the parent) "
                         "and solve again, up to this many times; for blocks whose damage compounds (attention "
                         "removals), which scores taken in the parent miss (~6 min per round per score on this CPU)")
-    p.add_argument("--serving", default="any", choices=["any", "stock-vllm"],
+    p.add_argument("--serving", default="any", choices=["any", "stock-vllm", "vllm-plugin"],
                    help="stock-vllm: only blocks stock vLLM serves without the repo's plugin (no linear subblocks, "
-                        "no no-op attention in layer 0; common.puzzle.stock_vllm_serves)")
+                        "no windows, no no-op attention in layer 0); vllm-plugin: only blocks vLLM serves with the "
+                        "plugin (no windows with sink tokens); common/variants.py says which")
     p.add_argument("--num-solutions", type=positive_int, default=1)
     p.add_argument("--min-hamming", type=nonneg_int, default=2, help="min layers whose block differs between solutions")
     p.add_argument("--time-limit", type=positive_int, default=60, help="CBC seconds per solve")
@@ -113,7 +122,15 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default=None, help="where metrics/ and costs/ go (default: parent of --out)")
     p.add_argument("--metrics-name", default="mip", help="metrics/<this>.json (one per child, e.g. mip_2x)")
     add_wandb_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for k, v in SCENARIOS[args.scenario].items():  # the preset fills what the command line left unset
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+SCENARIOS = {"short": {"batch": 8, "prefill": 128, "gen_len": 64},  # a small chat batch (run.sh's scenario)
+             "long": {"batch": 8, "prefill": 1024, "gen_len": 256}}  # long context: the KV cache dominates memory
 
 
 # ----------------------------------------------------------------------------
@@ -217,14 +234,9 @@ def main(argv=None):
     nonblock_params = num_params(parent) - sum(num_params(layer) for layer in parent.model.layers)
     params = {it: entries[it]["params"] for it in items}
 
-    def kv_bytes(it):
-        c = entries[it]["config"]
-        if it[1] != "attention" or c["no_op"] or c["replace_with_linear"]:
-            return 0
-        return kv_tokens * kv_bytes_per_token(config.num_attention_heads // c["n_heads_in_group"], config.head_dim,
-                                              args.kv_dtype)
-
-    memory = {it: params[it] * args.weight_bytes + kv_bytes(it) for it in items}
+    seq_tokens = kv_tokens / args.batch  # per sequence: what a window layer's min(tokens, W + S) is taken of
+    memory = {it: params[it] * args.weight_bytes
+              + kv_bytes(config, it[1], entries[it]["config"], seq_tokens, args.kv_dtype, args.batch) for it in items}
     if args.cost_layers > L:
         die(f"--cost-layers {args.cost_layers}: the parent has only {L} layers")
     parent_fast = copy.deepcopy(parent).to(speed_dtype)  # every runtime is measured in the speed dtype
@@ -255,9 +267,10 @@ def main(argv=None):
     names = {s: [v["name"] for v in space[s]] for s in SUBBLOCKS}
     all_blocks = [(l, a, f) for l in range(L) for a in names["attention"] for f in names["ffn"]]
     blocks = all_blocks  # the search space
-    if args.serving == "stock-vllm":  # the child must load in stock vLLM (users who deploy without the plugin)
+    if args.serving != "any":  # the child must load in stock vLLM (users who deploy without the plugin) / in vLLM
+        serves = stock_vllm_serves if args.serving == "stock-vllm" else plugin_vllm_serves
         blocks = [(l, a, f) for l, a, f in all_blocks if all(
-            stock_vllm_serves(l, s, entries[(l, s, n)]["config"]) for s, n in (("attention", a), ("ffn", f)))]
+            serves(l, s, entries[(l, s, n)]["config"]) for s, n in (("attention", a), ("ffn", f)))]
 
     def score_table(name, over=None):  # per block: its own replace-one-block score (01 scored every pair)
         key = "kl" if name == "kl" else "lm_loss_delta"
@@ -314,7 +327,7 @@ def main(argv=None):
                for i in range(args.cost_check)]
     check_model, cost_check = copy.deepcopy(parent_fast), []
     for label, choice in progress(checks, desc="cost check", unit="model"):
-        undo = swap_variants(check_model, {(l, s): variant_config_from_dict(s, entries[(l, s, n)]["config"])
+        undo = swap_variants(check_model, {(l, s): config_from_dict(s, entries[(l, s, n)]["config"])
                                            for (l, s), n in choice.items() if not entries[(l, s, n)]["parent"]})
         r = {"method": label, **speed_row(choice, check_model)}
         undo()
@@ -478,7 +491,9 @@ def main(argv=None):
     pred = predicted(solutions[0])
     unserved = [f"layer {l} {s} {n}" for (l, s), n in sorted(solutions[0].items())
                 if not stock_vllm_serves(l, s, entries[(l, s, n)]["config"])]
-    search = {"scenario": {"batch": args.batch, "prefill": args.prefill, "gen_len": args.gen_len,
+    no_vllm = [f"layer {l} {s} {n}" for (l, s), n in sorted(solutions[0].items())
+               if not plugin_vllm_serves(l, s, entries[(l, s, n)]["config"])]
+    search = {"scenario": {"name": args.scenario, "batch": args.batch, "prefill": args.prefill, "gen_len": args.gen_len,
                            "kv_dtype": args.kv_dtype, "kv_tokens": kv_tokens, "device": cost_id["device"]},
               "constraints": {k: v[2] for k, v in cons.items()}, "score": args.score,
               "solution": [{"layer": l, "attention": solutions[0][(l, "attention")], "ffn": solutions[0][(l, "ffn")]}
@@ -493,7 +508,8 @@ def main(argv=None):
               "cost_check": {"max_abs_error": abs(worst["prediction_error"]), "rows": cost_check},
               "rescore_rounds": rescored, "repeat": repeat, "costs_cache": cost_path, "costs_key": cost_id,
               "baselines": baselines, "sweep": sweep,
-              "serving": {"restricted_to": args.serving, "stock_vllm": not unserved, "needs_plugin": unserved}}
+              "serving": {"restricted_to": args.serving, "stock_vllm": not unserved, "needs_plugin": unserved,
+                          "not_served_by_vllm": no_vllm}}
     child = child.to(parent.dtype)
     try:
         save_checkpoint(child, tokenizer, args.out, stage="mip", args=user_config, extra_json={"search.json": search},
@@ -511,8 +527,8 @@ def main(argv=None):
                "baselines": baselines, "sweep": sweep}
     metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
     wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, float)})
-    print0(f"\nscenario: batch {args.batch}, prefill {args.prefill}, generate {args.gen_len}, KV {args.kv_dtype}; "
-           f"parent {parent_s:.2f}s, acc {pq['next_token_acc']:.3f}; ceiling {ceiling_speedup:.2f}x")
+    print0(f"\nscenario {args.scenario}: batch {args.batch}, prefill {args.prefill}, generate {args.gen_len}, KV "
+           f"{args.kv_dtype}; parent {parent_s:.2f}s, acc {pq['next_token_acc']:.3f}; ceiling {ceiling_speedup:.2f}x")
     print0(f"{'method':<30}{'predicted':>10}{'measured':>9}{'min-max':>12}{'error':>8}{'of ceil':>8}{'params':>12}"
            f"{'KL':>9}{'acc':>8}{'top1':>8}")
     for r in baselines + [dict(s, method=f"sweep {s['method']}") for s in sweep]:
@@ -527,6 +543,10 @@ def main(argv=None):
         print0(f"note: stock vLLM cannot serve {len(unserved)} of the child's subblocks ({', '.join(unserved[:3])}"
                f"{', ...' if len(unserved) > 3 else ''}): serve it with the repo's plugin (bash install_vllm.sh), or "
                f"search with --serving stock-vllm")
+    if no_vllm:
+        print0(f"note: vLLM cannot serve {len(no_vllm)} of the child's subblocks, not even with the plugin "
+               f"({', '.join(no_vllm[:3])}{', ...' if len(no_vllm) > 3 else ''}: windows with sink tokens); search "
+               f"with --serving vllm-plugin to serve it")
     print0(f"checkpoint: {args.out}; metrics: {metrics_path}")
     wandb_run.finish()
 

@@ -34,7 +34,8 @@ import torch
 
 from common.checkpoint import read_json
 from common.dist import print0, progress, sync
-from common.puzzle import SUBBLOCKS, set_subblock, variant_config_from_dict
+from common.puzzle import set_subblock
+from common.variants import SUBBLOCKS, config_from_dict
 
 COST_METHOD = "full-model-paired-v2"  # bump when the measurement changes: older caches are then never read
 ARCH_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "hidden_act",
@@ -112,7 +113,7 @@ def measure_block_runtimes(parent, space, batch, prefill, gen_len, repeats, deco
     k = max(1, L - 1) if num_layers <= 0 else num_layers
     layers = sorted({i * L // k for i in range(k)})
     work = copy.deepcopy(parent)
-    no_op = {s: variant_config_from_dict(s, {"no_op": True}) for s in SUBBLOCKS}
+    no_op = {s: config_from_dict(s, {"no_op": True}) for s in SUBBLOCKS}
     parent_times = []
 
     def paired(cfgs):  # per-round (t_parent, t_model) with `cfgs` swapped into the working copy
@@ -123,7 +124,7 @@ def measure_block_runtimes(parent, space, batch, prefill, gen_len, repeats, deco
         return tp, tm
 
     jobs = {(s, None): {(l, s): no_op[s] for l in layers} for s in SUBBLOCKS}  # s removed: the parent's cost
-    jobs |= {(s, v["name"]): {(l, s): variant_config_from_dict(s, v["config"]) for l in layers}
+    jobs |= {(s, v["name"]): {(l, s): config_from_dict(s, v["config"]) for l in layers}
              for s in SUBBLOCKS for v in space[s] if not v["parent"] and not v["config"].get("no_op")}
     jobs["ceiling"] = {(l, s): no_op[s] for l in range(L) for s in SUBBLOCKS}  # every block removed
     times = {}

@@ -231,11 +231,20 @@ def math_both_modes(model, tokenizer, problems: list[dict], max_new_tokens_on: i
     return out
 
 
-def kv_cache_bytes_per_token(model) -> int:
-    """K and V bytes one token costs across all layers that keep a cache (ours or any HF Llama)."""
+def kv_cache_bytes_per_token(model, seq_len: int | None = None) -> float:
+    """K and V bytes one token costs across all layers that keep a cache (ours or any HF Llama). With seq_len, the
+    mean over a sequence of that many tokens: a window layer caches only min(seq_len, W + S) of them
+    (common/variants.window_positions)."""
+    from common.variants import window_positions
+
     elem = next(model.parameters()).element_size()
-    return sum((m.k_proj.out_features + m.v_proj.out_features) * elem
-               for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj"))
+    total = 0.0
+    for m in model.modules():
+        if hasattr(m, "k_proj") and hasattr(m, "v_proj"):
+            share = 1.0 if seq_len is None or getattr(m, "window", None) is None else \
+                window_positions(seq_len, m.window, m.sinks) / seq_len
+            total += (m.k_proj.out_features + m.v_proj.out_features) * elem * share
+    return total
 
 
 def weight_bytes(model) -> int:
@@ -311,7 +320,8 @@ def speed_eval(model, parent=None, batch_sizes=(1, 16), prompt_len: int = 128, g
         for b in batch_sizes:
             r[f"prefill_tok_s_b{b}"] = b * prompt_len / statistics.median(t1[(name, b)])
             r[f"decode_tok_s_b{b}"] = b * (gen_len - 1) / statistics.median(tdec[(name, b)])
-            mem = peak.get((name, b), weight_bytes(m) + b * (prompt_len + gen_len) * kv_cache_bytes_per_token(m))
+            mem = peak.get((name, b), weight_bytes(m) + b * (prompt_len + gen_len) * kv_cache_bytes_per_token(
+                m, prompt_len + gen_len))
             r[f"peak_mem_mb_b{b}"] = mem / 2**20
         out[name] = r
     if parent is not None:

@@ -1,7 +1,8 @@
 """Puzzle's block library, shared by 01_bld.py (builds and scores it) and 02_mip_select.py (searches it).
 
-A variant is one way to fill one subblock of one layer (Puzzle §3): attention {parent GQA, fewer KV heads,
-linear, no_op} and FFN {parent width, narrower widths (multiples of 256), linear, no_op}. On disk:
+A variant is one way to fill one subblock of one layer (Puzzle §3): attention {parent GQA, fewer KV heads, windows of
+the parent attention, linear, no_op} and FFN {parent width, narrower widths (multiples of 256), linear, no_op}; each
+kind is one entry of common/variants.py (its module, init, parameters, KV bytes, vLLM support). On disk:
 
     library/library.json                          parent, variants (config, params, BLD loss curve), BLD stats
     library/variants/L003-ffn-w1024.safetensors   the trained subblock (its norm + module, DecoderLayer key names)
@@ -27,76 +28,27 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from common.dist import progress
-from common.model import (AttentionConfig, FFNConfig, DeciRMSNorm, build_attention, build_ffn,
-                          ffn_mult_to_intermediate_size, intermediate_size_to_ffn_mult)
+from common.model import DeciRMSNorm
+from common.variants import (SUBBLOCKS, build_subblock, config_from_dict, search_space,  # noqa: F401  (re-exported)
+                             stock_vllm_serves, subblock_params)
 
-SUBBLOCKS = ("attention", "ffn")
 # DecoderLayer attribute names (NVIDIA's weight names) per subblock: (module, its norm)
 MODULE_NAMES = {"attention": ("self_attn", "input_layernorm"), "ffn": ("mlp", "post_attention_layernorm")}
 
 # ----------------------------------------------------------------------------
-# Variant specs
+# Variant specs: the kinds live in common/variants.py (one entry each); these are 01's search-space helpers
 
 
-def attention_variants(config, kv_heads, linear=True, no_op=True) -> list:
-    """[{name, config, parent}] for the attention subblock: parent GQA, each fewer-KV-head count, linear, no_op."""
-    H = config.num_attention_heads
-    parent_kv = H // config.block_configs[0].attention.n_heads_in_group
-    out = [{"name": f"kv{parent_kv}", "config": AttentionConfig(n_heads_in_group=H // parent_kv), "parent": True}]
-    for kv in sorted(set(kv_heads), reverse=True):
-        if kv >= parent_kv or H % kv or parent_kv % kv:
-            raise ValueError(f"--kv-heads {kv}: must be fewer than the parent's {parent_kv} KV heads and divide both "
-                             f"{H} query heads and {parent_kv} (mean-pooled groups); valid: "
-                             f"{[d for d in range(1, parent_kv) if parent_kv % d == 0 and H % d == 0]}")
-        out.append({"name": f"kv{kv}", "config": AttentionConfig(n_heads_in_group=H // kv), "parent": False})
-    if linear:
-        out.append({"name": "linear", "config": AttentionConfig(replace_with_linear=True), "parent": False})
-    if no_op:
-        out.append({"name": "no_op", "config": AttentionConfig(no_op=True), "parent": False})
-    return out
+def attention_variants(config, kv_heads, linear=True, no_op=True, window_sizes=(), window_sinks=0) -> list:
+    """[{name, config, parent}] for the attention subblock: parent GQA, each fewer-KV-head count, each window of the
+    parent attention (window_sizes W, window_sinks S), linear, no_op."""
+    return search_space(config, "attention", kv_heads=kv_heads, window_sizes=window_sizes, window_sinks=window_sinks,
+                        linear=linear, no_op=no_op)
 
 
 def ffn_variants(config, widths, linear=True, no_op=True) -> list:
     """[{name, config, parent}] for the FFN subblock: parent width, narrower widths (ffn_mult-expressible), linear, no_op."""
-    h = config.hidden_size
-    parent_w = ffn_mult_to_intermediate_size(config.block_configs[0].ffn.ffn_mult, h)
-    out = [{"name": f"w{parent_w}", "config": FFNConfig(ffn_mult=config.block_configs[0].ffn.ffn_mult), "parent": True}]
-    for w in sorted(set(widths), reverse=True):
-        if w >= parent_w:
-            raise ValueError(f"--ffn-widths {w}: must be narrower than the parent's FFN width {parent_w}")
-        out.append({"name": f"w{w}", "config": FFNConfig(ffn_mult=intermediate_size_to_ffn_mult(w, h)), "parent": False})
-    if linear:
-        out.append({"name": "linear", "config": FFNConfig(replace_with_linear=True), "parent": False})
-    if no_op:
-        out.append({"name": "no_op", "config": FFNConfig(no_op=True), "parent": False})
-    return out
-
-
-def variant_config_from_dict(subblock: str, d: dict):
-    return AttentionConfig(**d) if subblock == "attention" else FFNConfig(**d)
-
-
-def stock_vllm_serves(layer: int, subblock: str, config: dict) -> bool:
-    """Whether stock vLLM's nemotron_nas (0.32 / 0.33, no plugin) runs this variant in this layer: GQA attention,
-    no-op subblocks and FFN widths, yes; linear subblocks (replace_with_linear) and window attention, no; nor a no-op
-    attention in layer 0 (its first FFN norm gets no residual). The repo's plugin (vllm_plugin/) serves all of them."""
-    if config.get("replace_with_linear") or config.get("window_length"):
-        return False
-    return not (subblock == "attention" and layer == 0 and config.get("no_op"))
-
-
-def subblock_params(config, subblock: str, cfg) -> int:
-    """Parameters of one subblock variant, its RMSNorm included (no_op: 0). Matches num_params of the built module."""
-    if cfg.no_op:
-        return 0
-    h = config.hidden_size
-    if cfg.replace_with_linear:
-        return h * h + h
-    if subblock == "attention":
-        d, H = config.head_dim, config.num_attention_heads
-        kv = H // cfg.n_heads_in_group
-        return 2 * h * H * d + 2 * h * kv * d + h
-    return 3 * h * ffn_mult_to_intermediate_size(cfg.ffn_mult, h) + h
+    return search_space(config, "ffn", ffn_widths=widths, linear=linear, no_op=no_op)
 
 
 def variant_key(layer: int, subblock: str, name: str) -> str:
@@ -122,7 +74,7 @@ class Subblock(nn.Module):
         super().__init__()
         self.subblock, self.cfg = subblock, cfg
         mod_name, norm_name = MODULE_NAMES[subblock]
-        module = build_attention(config, layer_idx, cfg) if subblock == "attention" else build_ffn(config, cfg)
+        module = build_subblock(config, layer_idx, subblock, cfg)
         if module is not None:
             setattr(self, norm_name, DeciRMSNorm(config.hidden_size, config.rms_norm_eps))
             setattr(self, mod_name, module)
@@ -243,7 +195,7 @@ def replace_one_block_scores(model, held, pairs, states, batch_size, autocast, r
 
     out = {"__base__": metrics_from(L)}
     for l, a, f in progress(pairs, desc="replace-one-block scores", unit="block"):
-        undo = [set_subblock(model, l, e["subblock"], variant_config_from_dict(e["subblock"], e["config"]),
+        undo = [set_subblock(model, l, e["subblock"], config_from_dict(e["subblock"], e["config"]),
                              states[e["key"]]) for e in (a, f) if not holds(l, e)]
         out[pair_key(l, a["name"], f["name"])] = metrics_from(l)
         for u in reversed(undo):
@@ -278,7 +230,7 @@ def assemble_child(parent, library_dir: str, entries: dict, choice: dict, init: 
     for (l, sub), name in sorted(choice.items()):
         e = entries[(l, sub, name)]
         state = load_variant_state(library_dir, e, parent, init=init and not e["parent"])
-        set_subblock(child, l, sub, variant_config_from_dict(sub, e["config"]), state)
+        set_subblock(child, l, sub, config_from_dict(sub, e["config"]), state)
     return child.eval()
 
 

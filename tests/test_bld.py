@@ -1,7 +1,7 @@
 """01_bld.py on a tiny random parent: BLD lowers every trained variant's loss, no_op scores worse than the parent
 block, every (attention, FFN) pair is scored by replacing its whole layer (not by adding subblock scores), the
 scoring text spans many documents, two gloo ranks build the same library as one, --resume continues where a crash
-stopped."""
+stopped; window variants start as the parent's attention and are trained and scored like the others."""
 
 import importlib.util
 import json
@@ -42,7 +42,7 @@ def bld_argv(root, out, **over):
     flags = {"--parent": os.path.join(root, "parent"), "--out": out, "--data": os.path.join(root, "text.txt"),
              "--num-seqs": 64, "--seq-len": 32, "--batch-size": 4, "--epochs": 2, "--lr": 1e-3, "--val-seqs": 4,
              "--score-seqs": 2, "--score-seq-len": 32, "--dtype": "float32", "--threads": 1, "--calib-seqs": 4,
-             "--linear-init": "weights", "--save-every": -1, "--wandb-mode": "disabled"}
+             "--linear-init": "weights", "--save-every": -1, "--wandb-mode": "disabled", "--window-sizes": ""}
     flags.update(over)
     return [str(a) for kv in flags.items() for a in kv]
 
@@ -245,3 +245,43 @@ def test_resume_continues_where_it_stopped(lib, monkeypatch):
     bld.main(bld_argv(root, out2, **{"--save-every": 3, "--metrics-name": "bld_resumed"}) + ["--resume"])
     assert not os.path.exists(out2 + ".state")
     same_library(out, out2)
+
+
+# ----------------------------------------------------------------------------
+# Window variants (--window-sizes): the parent attention over the last W tokens
+
+
+@pytest.fixture(scope="module")
+def window_lib(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("window_bld"))
+    return root, build_library(root, **{"--window-sizes": "4,8", "--kv-heads": "",
+                                        "--ffn-widths": ""})
+
+
+def test_window_variants_start_as_the_parent_attention_and_are_trained_and_scored(window_lib):
+    """A window variant's initial weights are the parent attention's (and its norm's), unchanged; it has the
+    parent's parameters; at 32 tokens the window changes the output, BLD lowers that loss, and every pair with a
+    window is scored by replacing its whole layer."""
+    from common.checkpoint import load_checkpoint
+    from common.puzzle import load_library, parent_subblock_state
+
+    root, out = window_lib
+    library, pairs = load_library(out)
+    names = [v["name"] for v in library["space"]["attention"]]
+    assert names == ["kv2", "kv2-win4", "kv2-win8", "linear", "no_op"]
+    assert library["space"]["attention"][1]["config"] == {"n_heads_in_group": 2, "no_op": False,
+                                                          "replace_with_linear": False, "window_length": 4}
+    assert "window_length" not in library["space"]["attention"][0]["config"]  # other variants' configs as before
+    parent, _ = load_checkpoint(os.path.join(root, "parent"))
+    by_key = {e["key"]: e for e in library["variants"]}
+    for layer in range(4):
+        own = parent_subblock_state(parent.model.layers[layer], "attention")
+        for w in (4, 8):
+            e = by_key[variant_key(layer, "attention", f"kv2-win{w}")]
+            init = load_file(os.path.join(out, "variants", "init", e["key"] + ".safetensors"))
+            assert init.keys() == own.keys() and all(torch.equal(init[k], own[k]) for k in own)
+            assert e["params"] == by_key[variant_key(layer, "attention", "kv2")]["params"]
+            assert e["val_loss_init"] > 1e-3  # the window matters at --seq-len 32
+            assert e["val_loss_bld"] < e["val_loss_init"], e["key"]
+            for f in ("w512", "linear", "no_op"):
+                assert pairs[pair_key(layer, f"kv2-win{w}", f)]["kl"] > 0

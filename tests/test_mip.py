@@ -131,7 +131,8 @@ def test_stock_vllm_restriction_keeps_only_blocks_stock_vllm_serves(lib):
             assert stock_vllm_serves(b["layer"], s, config[(b["layer"], s, b[s])]), b
             assert not config[(b["layer"], s, b[s])]["replace_with_linear"]
     assert stock["solution"][0]["attention"] != "no_op"
-    assert stock["serving"] == {"restricted_to": "stock-vllm", "stock_vllm": True, "needs_plugin": []}
+    assert stock["serving"] == {"restricted_to": "stock-vllm", "stock_vllm": True, "needs_plugin": [],
+                                "not_served_by_vllm": []}
     assert stock["predicted"]["memory_bytes"] <= stock["constraints"]["max_memory"]
     assert stock["predicted"]["score"] > free["predicted"]["score"]  # a smaller search space: no better optimum
 
@@ -177,3 +178,51 @@ def test_assembled_child_loads_generates_and_costs_add_up(lib):
     assert gen.shape == (1, 7)
     with pytest.raises(SystemExit):  # never overwrites a finished child
         mip.main(mip_argv(root, out, "--max-params", "0.8"))
+
+
+# ----------------------------------------------------------------------------
+# Window variants: KV memory by the window rule, so a long-context memory budget buys windows
+
+
+@pytest.fixture(scope="module")
+def window_lib(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mip_window"))
+    return root, build_library(root, **{"--num-seqs": 16, "--epochs": 1, "--window-sizes": "4,8", "--kv-heads": "",
+                                        "--ffn-widths": ""})
+
+
+def test_scenario_presets_fill_what_the_flags_leave_unset():
+    args = mip.parse_args(["--library", "l", "--out", "o", "--scenario", "long", "--batch", "2"])
+    assert (args.scenario, args.batch, args.prefill, args.gen_len) == ("long", 2, 1024, 256)
+    args = mip.parse_args(["--library", "l", "--out", "o"])
+    assert (args.scenario, args.batch, args.prefill, args.gen_len) == ("short", 8, 128, 64)
+
+
+def test_long_context_memory_budget_picks_windows_counted_by_the_window_rule(window_lib):
+    """100,000 cached tokens per sequence: the parent's KV cache is ~50x its weights, and a budget of the weights +
+    30 MB leaves room for at most one full-attention layer. The MIP fills the others with windows (cheaper in KL than
+    linear or no-op attention here), and the child's predicted memory is its weights plus a KV cache where each window
+    layer holds min(100000, W) positions per sequence, computed again from the saved child's config."""
+    from transformers import AutoModelForCausalLM
+
+    from common.checkpoint import load_checkpoint
+    from common.variants import kv_cache_bytes
+
+    root, _ = window_lib
+    parent, _ = load_checkpoint(os.path.join(root, "parent"))
+    weights = 2 * sum(p.numel() for p in parent.parameters())
+    budget = weights + 30e6
+    out = os.path.join(root, "child_long")
+    mip.main(mip_argv(root, out, "--max-memory-gib", str(budget / 2 ** 30), "--kv-tokens", "200000",
+                      "--no-baselines", "--cost-check", "0", "--metrics-name", "mip_window"))
+    with open(os.path.join(out, "search.json")) as f:
+        search = json.load(f)
+    attention = [b["attention"] for b in search["solution"]]
+    assert sum(a == "kv2" for a in attention) <= 1
+    assert sum(a.startswith("kv2-win") for a in attention) >= 3, attention
+    child = AutoModelForCausalLM.from_pretrained(out)
+    assert [b.attention.window_length for b in child.config.block_configs] == [
+        int(a.split("win")[1]) if "win" in a else None for a in attention]
+    want = 2 * sum(p.numel() for p in child.parameters()) + kv_cache_bytes(child.config, 2, 100000, "bf16")
+    assert search["predicted"]["memory_bytes"] == pytest.approx(want, rel=1e-12) and want <= budget
+    assert search["serving"]["needs_plugin"] and not search["serving"]["not_served_by_vllm"]  # windows: the plugin

@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import f32_atol, tiny_config, tiny_tokenizer
 
 from common.generate import decode, left_pad
@@ -232,3 +231,100 @@ def test_a_cache_filled_as_full_attention_is_refused_for_a_window_layer():
     assert isinstance(cache, DynamicCache)
     with pytest.raises(ValueError, match="layer 0 is a window layer but its cache was filled as a full layer"):
         model(ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+# ----------------------------------------------------------------------------
+# The window as a Puzzle variant (common/variants.py)
+
+
+def test_every_variant_kind_prices_the_module_it_builds():
+    """One entry per kind: its name, its parameter count (= the built module with its norm), its KV heads, and
+    which vLLM serves it."""
+    from common.model import num_params
+    from common.puzzle import Subblock
+    from common.variants import kind_of, plugin_vllm_serves, stock_vllm_serves, subblock_params, variant_name
+
+    config = tiny_config()
+    cases = [("attention", AttentionConfig(n_heads_in_group=2), "gqa", "kv2", True, True),
+             ("attention", AttentionConfig(n_heads_in_group=4), "gqa", "kv1", True, True),
+             ("attention", AttentionConfig(n_heads_in_group=2, window_length=8), "window", "kv2-win8", False, True),
+             ("attention", AttentionConfig(n_heads_in_group=2, window_length=8, num_sink_tokens=4), "window",
+              "kv2-win8-s4", False, False),
+             ("attention", AttentionConfig(replace_with_linear=True), "linear", "linear", False, True),
+             ("attention", AttentionConfig(no_op=True), "no_op", "no_op", True, True),
+             ("ffn", FFNConfig(ffn_mult=6.0), "swiglu", "w256", True, True),
+             ("ffn", FFNConfig(ffn_mult=12.0), "swiglu", "w512", True, True),
+             ("ffn", FFNConfig(replace_with_linear=True), "linear", "linear", False, True),
+             ("ffn", FFNConfig(no_op=True), "no_op", "no_op", True, True)]
+    for sub, cfg, kind, name, stock, plugin in cases:
+        assert kind_of(sub, cfg).kind == kind and variant_name(config, sub, cfg) == name
+        assert subblock_params(config, sub, cfg) == num_params(Subblock(config, 1, sub, cfg)), name
+        assert subblock_params(config, sub, {k: v for k, v in cfg.__dict__.items() if v is not None}) == \
+            subblock_params(config, sub, cfg)  # library.json's dicts read the same
+        assert stock_vllm_serves(1, sub, cfg) == stock and plugin_vllm_serves(1, sub, cfg) == plugin, name
+    no_op = {"no_op": True}
+    assert not stock_vllm_serves(0, "attention", no_op) and plugin_vllm_serves(0, "attention", no_op)
+
+
+def test_window_kv_bytes_count_min_tokens_and_w_plus_s_positions():
+    """NVIDIA Puzzletron's rule: a window layer caches min(prompt + generated, W + S) positions per sequence; full
+    attention every token; linear / no-op none. The evaluation suite's per-token bytes follow it."""
+    from common.evaluate import kv_cache_bytes_per_token
+    from common.variants import kv_bytes, kv_cache_bytes, kv_cache_bytes_per_layer
+
+    config = tiny_config()
+    per_token = 2 * 2 * 16 * 2  # K and V, 2 KV heads x head_dim 16, bf16
+    win = AttentionConfig(n_heads_in_group=2, window_length=8, num_sink_tokens=2)
+    for tokens in (1, 10, 11, 1280):
+        assert kv_bytes(config, "attention", win, tokens, "bf16", batch=3) == 3 * min(tokens, 10) * per_token
+        assert kv_bytes(config, "attention", AttentionConfig(n_heads_in_group=2), tokens) == tokens * per_token
+    assert kv_bytes(config, "attention", win, 1280, "fp8") * 2 == kv_bytes(config, "attention", win, 1280, "bf16")
+    for cfg in (AttentionConfig(no_op=True), AttentionConfig(replace_with_linear=True)):
+        assert kv_bytes(config, "attention", cfg, 1280) == 0
+    model, full = window_model(8, 2)
+    assert kv_cache_bytes_per_layer(model.config, 100) == [10 * per_token, 100 * per_token] * 2
+    assert kv_cache_bytes(model.config, 4, 100) == 4 * 220 * per_token
+    for tokens in (6, 100):  # float32 weights: 4-byte cache entries
+        assert kv_cache_bytes_per_token(model, tokens) * tokens == pytest.approx(
+            sum(kv_cache_bytes_per_layer(model.config, tokens, "fp32")))
+    assert kv_cache_bytes_per_token(model) == kv_cache_bytes_per_token(full) == 4 * 2 * 2 * 16 * 4
+
+
+def test_window_search_space_and_its_errors():
+    from common.puzzle import attention_variants
+
+    config = tiny_config()
+    names = [v["name"] for v in attention_variants(config, [1], window_sizes=[16, 4, 16], window_sinks=2)]
+    assert names == ["kv2", "kv1", "kv2-win4-s2", "kv2-win16-s2", "linear", "no_op"]
+    with pytest.raises(ValueError, match="--window-sizes 0"):
+        attention_variants(config, [], window_sizes=[0])
+    with pytest.raises(ValueError, match="--window-sinks -1"):
+        attention_variants(config, [], window_sizes=[4], window_sinks=-1)
+
+
+def test_costs_time_a_window_with_its_bounded_cache(monkeypatch):
+    """common/costs.py times a window variant swapped into the parent at the scenario's lengths, and every forward it
+    times runs the window layers with a WindowCacheLayer of at most S + W - 1 positions (the decode cost it prices)."""
+    from common import costs
+    from common.model import DeciLMModel
+    from common.variants import SUBBLOCKS, config_to_dict, search_space
+
+    seen, real = [], DeciLMModel.forward
+
+    def spy(self, *a, **kw):
+        out = real(self, *a, **kw)
+        for i, b in enumerate(self.config.block_configs):
+            if b.attention.window_length is not None and out[1] is not None:
+                layer = out[1].layers[i]
+                seen.append((type(layer), layer.keys.shape[-2]))
+        return out
+
+    monkeypatch.setattr(DeciLMModel, "forward", spy)
+    torch.manual_seed(0)
+    parent = DeciLMForCausalLM(tiny_config()).eval()
+    space = {s: [{**v, "config": config_to_dict(v["config"])} for v in search_space(
+        parent.config, s, window_sizes=[4], window_sinks=1, linear=False, no_op=False)] for s in SUBBLOCKS}
+    c = costs.measure_block_runtimes(parent, space, batch=1, prefill=12, gen_len=3, repeats=1, decode_steps=2)
+    assert "attention:kv2-win4-s1" in c["block_runtime_s"]
+    assert seen and all(t is WindowCacheLayer and n <= 1 + 4 - 1 for t, n in seen), seen[:4]
+    assert parent.config.block_configs[0].attention.window_length is None  # the parent itself is left as it was
