@@ -8,6 +8,8 @@ skips. Three tiny random checkpoints (head_dim 64: vLLM's CPU attention has no s
   stock child   no-op attention, GQA with 4 / 2 / 1 KV heads, FFN widths 1024..256, no-op FFN: stock vLLM
   linear child  linear attention and linear FFN subblocks (+ no-op attention in layer 0, GQA, no-op FFN): only
                 with the repo's plugin (vllm_plugin/); stock vLLM refuses it
+  window child  window attention (W 8 / 16 / 32, below prompt + generation) next to full GQA layers: the plugin serves
+                it as vLLM's per-layer sliding window; stock vLLM ignores window_length and serves full attention
 Two vLLM processes, run while ours generates: stock (VLLM_PLUGINS excludes ours; engines in-process) and plugin
 (engine process of its own, vLLM's default); about 2.5 minutes in all on a 2-core CPU.
 """
@@ -48,8 +50,9 @@ ULPS = 1024
 MIN_FULL = 16
 
 
-def blk(attn="full", g=None, ffn="full", m=None) -> BlockConfig:
-    return BlockConfig(AttentionConfig(n_heads_in_group=g, no_op=attn == "no_op", replace_with_linear=attn == "linear"),
+def blk(attn="full", g=None, ffn="full", m=None, w=None) -> BlockConfig:
+    return BlockConfig(AttentionConfig(n_heads_in_group=g, no_op=attn == "no_op", replace_with_linear=attn == "linear",
+                                       window_length=w),
                        FFNConfig(ffn_mult=m, no_op=ffn == "no_op", replace_with_linear=ffn == "linear"))
 
 
@@ -60,16 +63,22 @@ MODELS = {
                             blk("no_op", ffn="no_op"), blk(g=2, m=4.5)]),
     "linear_child": (False, [blk("no_op", m=3.0), blk("linear", m=6.0), blk(g=2, ffn="linear"),
                              blk("linear", ffn="linear"), blk(g=4, ffn="no_op"), blk(g=1, m=1.5)]),
+    "window_child": (False, [blk(g=2, m=6.0, w=16), blk(g=1, m=3.0), blk(g=4, m=1.5, w=8), blk(g=2, m=4.5, w=32),
+                             blk(g=2, m=6.0)]),
 }
-STOCK, PLUGIN = ("parent", "stock_child"), ("linear_child",)
+STOCK, PLUGIN = ("parent", "stock_child"), ("linear_child", "window_child")
+WINDOWS_IGNORED = "window_child_in_stock"  # the window child's checkpoint in stock vLLM, which ignores window_length
 
 
-def served_model(name: str, seed: int) -> DeciLMForCausalLM:
+def served_model(name: str, seed: int, full_attention: bool = False) -> DeciLMForCausalLM:
     """A tiny random model whose greedy tokens are far from ties: each layer matrix N(0, 4 / fan_in) makes the layers,
     not the input embedding, decide the next token, so greedy text is varied; embeddings and output rows N(0, 1) give
     logits of std ~16, whose top-2 gaps dwarf float32 error; special tokens' output rows are zero, so their logit (0)
-    never beats the largest of ~500 Gaussian logits and every sequence runs the full 64 tokens."""
+    never beats the largest of ~500 Gaussian logits and every sequence runs the full 64 tokens. full_attention: the
+    same model with its windows removed (what stock vLLM computes from a window checkpoint)."""
     tied, blocks = MODELS[name]
+    if full_attention:  # the same weights with every window removed
+        blocks = [BlockConfig(AttentionConfig(**{**b.attention.__dict__, "window_length": None}), b.ffn) for b in blocks]
     config = tiny_config(num_layers=len(blocks), hidden=256, heads=4, blocks=blocks)
     config.tie_word_embeddings = tied
     torch.manual_seed(seed)
@@ -128,10 +137,12 @@ def served(tmp_path_factory):
     texts = prompts(tok)
     models = {name: served_model(name, seed) for seed, name in enumerate(MODELS)}
     paths = {name: save_checkpoint(m, tok, str(tmp / name), stage="test") for name, m in models.items()}
+    models["window_child_full"] = served_model("window_child", list(MODELS).index("window_child"), full_attention=True)
     spec = {"prompts": texts, "max_tokens": NEW_TOKENS, "logprobs": 2}
     # stock vLLM: VLLM_PLUGINS names no installed plugin, so none of the vllm.general_plugins load (ours included).
     # The plugin runs as users serve: its engine in a process of its own. Both run while we generate.
-    stock = start_helper({**spec, "models": [{"name": n, "path": paths[n]} for n in STOCK],
+    stock = start_helper({**spec, "models": [{"name": n, "path": paths[n]} for n in STOCK]
+                          + [{"name": WINDOWS_IGNORED, "path": paths["window_child"]}],
                           "refused": [{"name": n, "path": paths[n]} for n in PLUGIN]}, tmp, "stock", "none", False)
     plugin = start_helper({**spec, "models": [{"name": n, "path": paths[n]} for n in PLUGIN]}, tmp, "plugin", None,
                           True)
@@ -143,7 +154,7 @@ def served(tmp_path_factory):
         with torch.no_grad():  # the logits at each generated position (teacher-forced on our own tokens)
             logits = [model(torch.tensor([p + g])).logits[0, len(p) - 1:len(p) - 1 + len(g)].float()
                       for p, g in zip(prompt_ids, ids)]
-        ours[name] = {"path": paths[name], "ids": ids, "prompt_ids": prompt_ids, "logits": logits}
+        ours[name] = {"path": paths.get(name), "ids": ids, "prompt_ids": prompt_ids, "logits": logits}
     stock, plugin = finish_helper(stock), finish_helper(plugin)
     return {"ours": ours, "stock": stock, "plugin": plugin, "vllm": {**stock["models"], **plugin["models"]}}
 
@@ -192,6 +203,18 @@ def test_vllm_greedy_tokens_equal_ours(served, name):
     assert r["full"] >= MIN_FULL, f"only {r['full']} sequences equal over all {NEW_TOKENS} tokens (ties: {r['ties']})"
     # where the tokens agree, vLLM's logprob of the chosen token is ours within 2 x tolerance (logit + logsumexp)
     assert r["max_logprob_err_in_tol"] <= 2.0
+
+
+@pytest.mark.slow
+def test_stock_vllm_ignores_windows_the_plugin_serves_them(served):
+    """Stock vLLM loads a window checkpoint without a word and attends to every token: its greedy tokens are those of
+    the same weights with full attention, which differ from the window model's (the window matters here); the plugin's
+    equal the window model's (test_vllm_greedy_tokens_equal_ours[window_child])."""
+    ours = served["ours"]
+    r = compare(ours["window_child_full"], served["stock"]["models"][WINDOWS_IGNORED])
+    assert not r["failures"] and r["full"] >= MIN_FULL, r["failures"][:3]
+    differ = sum(a != b for a, b in zip(ours["window_child"]["ids"], ours["window_child_full"]["ids"]))
+    assert differ >= len(QUESTIONS), f"only {differ} of 24 sequences change with the windows: W too large here?"
 
 
 @pytest.mark.slow
@@ -261,22 +284,27 @@ def test_plain_transformers_loads_checkpoint_with_remote_code(served, python, tm
 
 
 def test_plugin_refuses_unserved_variants_naming_the_layer():
-    """A block config the plugin cannot serve (NVIDIA's window attention) fails when vLLM reads the config, in the
-    calling process, before an engine starts; a servable one converts."""
+    """A block config the plugin cannot serve (window attention with sink tokens: no vLLM kernel keeps them) fails when
+    vLLM reads the config, in the calling process, before an engine starts, with one line naming the layer; a window
+    without sinks is served, and the KV head count skips linear attention."""
     from types import SimpleNamespace
 
-    from decilm_vllm_plugin.config import DeciLMArchConfigConvertor
+    from decilm_vllm_plugin.config import DeciLMArchConfigConvertor, check_served
 
-    def config(window):
-        full = SimpleNamespace(attention=SimpleNamespace(no_op=False, replace_with_linear=False, n_heads_in_group=2),
+    def config(window, sinks):
+        full = SimpleNamespace(attention=SimpleNamespace(no_op=False, replace_with_linear=False, n_heads_in_group=2,
+                                                         window_length=window, num_sink_tokens=sinks),
                                ffn=SimpleNamespace(no_op=False, ffn_mult=6.0))
-        linear = SimpleNamespace(attention=SimpleNamespace(no_op=False, replace_with_linear=True, n_heads_in_group=None,
-                                                           window_length=window), ffn=SimpleNamespace(no_op=True))
+        linear = SimpleNamespace(attention=SimpleNamespace(no_op=False, replace_with_linear=True, n_heads_in_group=None),
+                                 ffn=SimpleNamespace(no_op=True))
         return SimpleNamespace(num_attention_heads=4, block_configs=[linear, full])
 
-    assert DeciLMArchConfigConvertor(config(None), config(None)).get_total_num_kv_heads() == 2
-    with pytest.raises(ValueError, match=r"^layer 0: attention variant window_length=4096 is not served"):
-        DeciLMArchConfigConvertor(config(4096), config(4096)).convert()
+    assert DeciLMArchConfigConvertor(config(None, None), config(None, None)).get_total_num_kv_heads() == 2
+    check_served(config(4096, None).block_configs[1], 1)
+    check_served(config(4096, 0).block_configs[1], 1)
+    with pytest.raises(ValueError, match=r"^layer 1: attention variant num_sink_tokens=4 is not served") as e:
+        DeciLMArchConfigConvertor(config(4096, 4), config(4096, 4)).convert()
+    assert "\n" not in str(e.value)
 
 
 def test_plugin_is_a_vllm_general_plugin():

@@ -11,8 +11,9 @@ import vllm.config  # noqa: F401  (first: it imports the convertor module, which
 from vllm.transformers_utils.model_arch_config_convertor import NemotronNasModelArchConfigConvertor
 
 
-# Block-config keys of NVIDIA's format that change the computation and are not served here.
-UNSERVED_KEYS = {"attention": ("window_length", "num_sink_tokens", "unshifted_sink", "sparsify", "llama4", "mamba"),
+# Block-config keys of NVIDIA's format that change the computation and are not served here (window_length is:
+# vLLM's per-layer sliding window; its sink tokens are not).
+UNSERVED_KEYS = {"attention": ("num_sink_tokens", "unshifted_sink", "sparsify", "llama4", "mamba"),
                  "ffn": ("moe", "parallel_blocks", "sparsify")}
 
 
@@ -23,7 +24,9 @@ def check_served(block, layer_idx: int) -> None:
             value = getattr(sub, key, None)
             if value not in (None, False, 0, [], {}):
                 raise ValueError(f"layer {layer_idx}: {part} variant {key}={value!r} is not served by "
-                                 f"decilm_vllm_plugin; serve this checkpoint with code that implements it")
+                                 f"decilm_vllm_plugin; serve this checkpoint with code that implements it"
+                                 + (" (sink tokens: no vLLM kernel keeps them; search without --window-sinks)"
+                                    if key == "num_sink_tokens" else ""))
 
 
 def has_kv_cache(attention) -> bool:

@@ -2,6 +2,7 @@
 
 Per layer (config.block_configs[i], NVIDIA's format), as this repo's model and NVIDIA's HF code compute them:
   attention  full GQA (num_attention_heads // n_heads_in_group KV heads)   x + o(attn(input_layernorm(x)))
+             window_length W: the same over the last W tokens (vLLM's per-layer sliding window; W counts the query)
              replace_with_linear: one bias-free Linear(hidden, hidden)      x + linear_attn(input_layernorm(x))
              no_op: nothing (no norm, no weights)
   ffn        SwiGLU of width from ffn_mult (multiple of 256)                x + down(silu(gate(n)) * up(n)), n = norm(x)
@@ -12,9 +13,13 @@ them; only the layer is new (and, in config.py, how vLLM reads the config). Line
 layer also serves a first layer whose attention is no-op (stock vLLM passes its FFN norm no residual and fails at the
 first forward: "too many values to unpack").
 
-To add a variant (e.g. sliding-window attention: `window_length` in block_configs[i].attention, NVIDIA's key; vLLM's
-Attention takes `per_layer_sliding_window`), build it in `build_attention` / `build_ffn` and drop its key from
-config.UNSERVED_KEYS; a module there takes (positions, hidden_states) for attention and (hidden_states) for an FFN.
+A window layer (`window_length` in block_configs[i].attention, NVIDIA's key; the repo's common/variants.py "window")
+is vLLM's own attention with `per_layer_sliding_window=W`, passed the way vLLM's Llama passes it (the config's
+layer_types / sliding_window, seen by that layer only), so vLLM's kernels and KV-cache manager treat it as a sliding
+window layer. Sink tokens (`num_sink_tokens` S > 0: the first S tokens stay visible) have no vLLM kernel (vLLM's
+"sinks" are gpt-oss's learned per-head logits, another thing) and are refused (config.UNSERVED_KEYS).
+To add a variant, build it in `build_attention` / `build_ffn` and drop its key from config.UNSERVED_KEYS; a module
+there takes (positions, hidden_states) for attention and (hidden_states) for an FFN.
 """
 
 from torch import nn
@@ -39,6 +44,21 @@ class LinearSubblock(nn.Module):
         return getattr(self, self.name)(hidden_states)
 
 
+class SlidingWindowView:
+    """The model config as vLLM's LlamaAttention reads it for one window layer: `layer_types` marks that layer
+    "sliding_attention" and `sliding_window` is its W (how vLLM's Llama-family models pass per_layer_sliding_window
+    to Attention); every other attribute is the config's own."""
+
+    def __init__(self, config, layer_idx: int, window: int):
+        self._config = config
+        self.layer_types = ["full_attention"] * config.num_hidden_layers
+        self.layer_types[layer_idx] = "sliding_attention"
+        self.sliding_window = window
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
 def build_attention(config, layer_idx: int, attention, cache_config, quant_config, prefix: str):
     """The attention subblock's module, or None for no_op."""
     if attention.no_op:
@@ -46,8 +66,9 @@ def build_attention(config, layer_idx: int, attention, cache_config, quant_confi
     if attention.replace_with_linear:
         return LinearSubblock("linear_attn", config.hidden_size, quant_config, prefix)
     bias = bool(getattr(config, "attention_bias", False))
+    window = getattr(attention, "window_length", None)
     return nemotron_nas.DeciLMAttention(
-        config=config, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+        config=config if window is None else SlidingWindowView(config, layer_idx, window), hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
         num_kv_heads=config.num_attention_heads // attention.n_heads_in_group,
         max_position_embeddings=getattr(config, "max_position_embeddings", 8192), quant_config=quant_config,
         bias=bias, bias_o_proj=bias, cache_config=cache_config, prefix=prefix)
