@@ -13,7 +13,9 @@ the parent (k = every layer but one by default; the weights are untrained, only 
 
 so the parent's predicted runtime is its measured one. Nothing is clipped: a variant measured faster than its
 no_op keeps its negative cost (and a warning says so). The ceiling is the parent with every block removed
-(embeddings, final norm, LM head): no child can be faster than it.
+(embeddings, final norm, LM head): no child can be faster than it. A window variant (common/variants.py) is timed
+with its real bounded cache: the model's forward gives its layers a WindowCacheLayer, so the decode steps timed at
+the scenario's lengths read at most W + S - 1 cached positions (tests/test_window.py checks it).
 
 Why: the earlier method timed a tiny stack (base block + k copies, vocab 8) and took differences of medians taken
 at different moments. The tiny stack fits in cache while the real model streams its weights from memory, and the
