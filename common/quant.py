@@ -290,28 +290,9 @@ def _dtype_bytes(kv_dtype: str) -> int:
 
 
 def kv_bytes_per_token(n_kv_heads: int, head_dim: int, kv_dtype: str = "bf16") -> int:
-    """Bytes one token costs in one attention layer's cache: K and V, each n_kv x head_dim."""
+    """Bytes one token costs in one attention layer's cache: K and V, each n_kv x head_dim. A whole model's cache
+    (window layers count min(tokens, W + S) positions): common.variants.kv_cache_bytes."""
     return 2 * n_kv_heads * head_dim * _dtype_bytes(kv_dtype)
-
-
-def kv_cache_bytes_per_layer(config, kv_dtype: str = "bf16") -> list:
-    """Per-token KV bytes of each layer; 0 where attention is no_op or a linear (no cache)."""
-    _dtype_bytes(kv_dtype)  # fail on a bad name even when no layer keeps attention
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    out = []
-    for block in config.block_configs:
-        attn = block.attention
-        if attn.no_op or attn.replace_with_linear:
-            out.append(0)
-        else:
-            n_kv = config.num_attention_heads // attn.n_heads_in_group
-            out.append(kv_bytes_per_token(n_kv, head_dim, kv_dtype))
-    return out
-
-
-def kv_cache_bytes(config, num_tokens: int, kv_dtype: str = "bf16") -> int:
-    """Whole-model KV cache for num_tokens = batch x sequence cached tokens."""
-    return num_tokens * sum(kv_cache_bytes_per_layer(config, kv_dtype))
 
 
 # ----------------------------------------------------------------------------

@@ -7,9 +7,10 @@ from conftest import tiny_config, tiny_model
 
 from common.quant import (FP4_VALUES, FP8_MAX, QuantLinear, calibrate_act_amax, dequantize_fp8, dequantize_model_,
                           e2m1_round, e4m3_round, fake_quant_fp8, fake_quant_nvfp4, fake_quantize_model_,
-                          kv_bytes_per_token, kv_cache_bytes, quantize_fp8, quantize_model_, quantize_nvfp4,
+                          kv_bytes_per_token, quantize_fp8, quantize_model_, quantize_nvfp4,
                           straight_through)
 from common.model import AttentionConfig, BlockConfig, FFNConfig
+from common.variants import kv_cache_bytes
 
 
 def rel_err(a, b):
@@ -55,10 +56,10 @@ def test_kv_cache_bytes_counts_only_layers_with_attention():
               BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(ffn_mult=6.0))]
     cfg = tiny_config(blocks=blocks)  # head_dim 16
     assert kv_bytes_per_token(2, 16, "bf16") == 2 * 2 * 16 * 2
-    assert kv_cache_bytes(cfg, 1000, "bf16") == 1000 * 2 * 16 * 2 * (2 + 1)
-    assert kv_cache_bytes(cfg, 1000, "fp8") * 2 == kv_cache_bytes(cfg, 1000, "bf16")
+    assert kv_cache_bytes(cfg, 1, 1000, "bf16") == 1000 * 2 * 16 * 2 * (2 + 1)
+    assert kv_cache_bytes(cfg, 1, 1000, "fp8") * 2 == kv_cache_bytes(cfg, 1, 1000, "bf16")
     with pytest.raises(ValueError, match="fp4"):
-        kv_cache_bytes(cfg, 10, "fp4")
+        kv_cache_bytes(cfg, 1, 10, "fp4")
 
 
 # ----------------------------------------------------------------------------
