@@ -96,6 +96,8 @@ def build_parser():
     p.add_argument("--self-temperature", type=positive_float, default=1.0, help="qad_self: the teacher's sampling")
     p.add_argument("--eval-problems", type=nonneg_int, default=100, help="--quant: held-out math problems per mode")
     p.add_argument("--eval-if", type=nonneg_int, default=100, help="--quant: held-out instruction prompts")
+    p.add_argument("--max-new-tokens-on", type=positive_int, default=320, help="--quant: math answer budget, thinking on")
+    p.add_argument("--max-new-tokens-off", type=positive_int, default=80, help="--quant: answer budget, thinking off")
     # data
     p.add_argument("--data", default="mix", help="'mix' (data_gen.text distillation mix), a data_gen.build directory "
                    "(its train.jsonl conversations) or a local data set path")
@@ -566,11 +568,12 @@ def main(argv=None):
 
         def quant_eval(model, who):
             """Text KL / accuracy against the teacher, math on / off with think-format compliance, IF all-met."""
-            out = {"text": evaluate(model), "math": math_both_modes(model, tokenizer, math, 320, 80, dtype=cdtype, who=who)}
+            out = {"text": evaluate(model), "math": math_both_modes(model, tokenizer, math, args.max_new_tokens_on,
+                                                                    args.max_new_tokens_off, dtype=cdtype, who=who)}
             if chat:
                 model.eval()
                 with autocast():
-                    out["if"] = generation_eval(model, tokenizer, chat, False, 80, batch_size=32,
+                    out["if"] = generation_eval(model, tokenizer, chat, False, args.max_new_tokens_off, batch_size=32,
                                                 desc=f"{who}: instruction following")
             model.eval()
             return out
