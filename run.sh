@@ -81,6 +81,7 @@ stage rpo           "$R/rpo/COMPLETED"             $PY 07_rlhf.py --algo rpo --r
 # the same start; the whole table (QAT, self-generated data, FP8) is one flag away (docs/quantization.md)
 stage qad_nvfp4     "$R/qad_nvfp4/COMPLETED"       $PY 04_distill.py --student "$R/rpo" --out "$R/qad_nvfp4" --quant nvfp4 \
                       --data "$D" --quant-methods ptq,qad --tokens 32768 --lr 5e-5 --eval-problems 100 --eval-if 0 \
+                      --max-new-tokens-on 160 --max-new-tokens-off 64 \
                       --metrics-name qad_nvfp4
 
 # the newest model of each line through the whole evaluation suite against the parent (text, toggle, IF, speed)

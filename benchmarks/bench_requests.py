@@ -191,9 +191,7 @@ def per_token_vs_per_request(rows: list[dict], speed: dict) -> list[str]:
     efforts = list(dict.fromkeys(r["effort"] for r in rows))
     out = []
     for a, b in itertools.combinations(names, 2):
-        if speed[a]["tok_s"] == speed[b]["tok_s"]:
-            continue
-        fast, slow = (a, b) if speed[a]["tok_s"] > speed[b]["tok_s"] else (b, a)
+        fast, slow = (a, b) if speed[a]["tok_s"] >= speed[b]["tok_s"] else (b, a)
         tok_ratio = speed[fast]["tok_s"] / speed[slow]["tok_s"]
         flips, wins = [], []
         for e in efforts:
@@ -202,7 +200,8 @@ def per_token_vs_per_request(rows: list[dict], speed: dict) -> list[str]:
             d, se = mean_se([x - y for x, y in zip(rf["tokens_per_problem"], rs["tokens_per_problem"])])
             (flips if rr < 1 else wins).append(f"{e} ({rr:.2f}x req/s: {rf['tokens']:.0f} vs {rs['tokens']:.0f} "
                                                f"tokens/request, {d:+.0f} ± {se:.0f} paired)")
-        head = f"{fast} vs {slow}: {fast} wins per token ({tok_ratio:.2f}x tok/s)"
+        head = (f"{fast} vs {slow}: {fast} wins per token ({tok_ratio:.2f}x tok/s)" if tok_ratio > 1 else
+                f"{fast} vs {slow}: equal per token (1.00x tok/s), {fast}")
         if flips:
             out.append(f"{head} but loses per request at " + "; ".join(flips) +
                        (f"; wins per request at {len(wins)} other effort(s)" if wins else ""))
