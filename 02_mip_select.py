@@ -42,7 +42,8 @@ import warnings
 import pulp
 import torch
 
-from common.costs import cost_cache_path, cost_key, measure_block_runtimes, paired_speedup, read_cached_costs
+from common.costs import SCENARIOS, cost_cache_path, cost_key, measure_block_runtimes, paired_speedup
+from common.costs import read_cached_costs
 from common.costs import swap_variants
 from common.dist import autocast_ctx, print0, progress, resolve_dtype
 from common.evaluate import TextEval
@@ -55,7 +56,7 @@ from common.data import bld_documents, spread_chunks
 from common.quant import DTYPE_BYTES
 from common.model import num_params
 from common.puzzle import assemble_child, load_library, load_variant_state, pair_key, replace_one_block_scores
-from common.variants import SUBBLOCKS, config_from_dict, kv_bytes, plugin_vllm_serves, stock_vllm_serves
+from common.variants import KINDS, SUBBLOCKS, config_from_dict, kind_of, kv_bytes, plugin_vllm_serves, stock_vllm_serves
 from data_gen.text import distill_documents
 
 # ----------------------------------------------------------------------------
@@ -108,6 +109,8 @@ def parse_args(argv=None):
                    help="stock-vllm: only blocks stock vLLM serves without the repo's plugin (no linear subblocks, "
                         "no windows, no no-op attention in layer 0); vllm-plugin: only blocks vLLM serves with the "
                         "plugin (no windows with sink tokens); common/variants.py says which")
+    p.add_argument("--exclude-kinds", default="", help="variant kinds left out of the search, comma-separated, e.g. window (the "
+                   "same search without window attention); kinds: " + ", ".join(ALL_KINDS))
     p.add_argument("--num-solutions", type=positive_int, default=1)
     p.add_argument("--min-hamming", type=nonneg_int, default=2, help="min layers whose block differs between solutions")
     p.add_argument("--time-limit", type=positive_int, default=60, help="CBC seconds per solve")
@@ -126,11 +129,15 @@ def parse_args(argv=None):
     for k, v in SCENARIOS[args.scenario].items():  # the preset fills what the command line left unset
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.exclude_kinds = {k for k in args.exclude_kinds.split(",") if k}
+    if args.exclude_kinds - set(ALL_KINDS):
+        die(f"--exclude-kinds: unknown kind(s) {', '.join(sorted(args.exclude_kinds - set(ALL_KINDS)))}; "
+            f"choose from {', '.join(ALL_KINDS)}")
     return args
 
 
-SCENARIOS = {"short": {"batch": 8, "prefill": 128, "gen_len": 64},  # a small chat batch (run.sh's scenario)
-             "long": {"batch": 8, "prefill": 1024, "gen_len": 256}}  # long context: the KV cache dominates memory
+# kinds --exclude-kinds may leave out: all but the parent's own (gqa attention, swiglu FFN), which every layer keeps
+ALL_KINDS = sorted({k.kind for kinds in KINDS.values() for k in kinds} - {"gqa", "swiglu"})
 
 
 # ----------------------------------------------------------------------------
@@ -271,6 +278,10 @@ def main(argv=None):
         serves = stock_vllm_serves if args.serving == "stock-vllm" else plugin_vllm_serves
         blocks = [(l, a, f) for l, a, f in all_blocks if all(
             serves(l, s, entries[(l, s, n)]["config"]) for s, n in (("attention", a), ("ffn", f)))]
+    if args.exclude_kinds:
+        blocks = [(l, a, f) for l, a, f in blocks if not any(kind_of(s, entries[(l, s, n)]["config"]).kind
+                                                              in args.exclude_kinds
+                                                              for s, n in (("attention", a), ("ffn", f)))]
 
     def score_table(name, over=None):  # per block: its own replace-one-block score (01 scored every pair)
         key = "kl" if name == "kl" else "lm_loss_delta"

@@ -43,6 +43,10 @@ COST_METHOD = "full-model-paired-v2"  # bump when the measurement changes: older
 ARCH_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "hidden_act",
                "tie_word_embeddings", "rope_parameters", "attention_bias", "mlp_bias", "block_configs")
 
+# Serving scenarios (02 --scenario, benchmarks/bench_scenarios.py): sequences x (prompt tokens + generated tokens)
+SCENARIOS = {"short": {"batch": 8, "prefill": 128, "gen_len": 64},  # a small chat batch (run.sh's scenario)
+             "long": {"batch": 8, "prefill": 1024, "gen_len": 256}}  # long context: the KV cache dominates memory
+
 # ----------------------------------------------------------------------------
 # Timing one serving scenario
 

@@ -226,3 +226,23 @@ def test_long_context_memory_budget_picks_windows_counted_by_the_window_rule(win
     want = 2 * sum(p.numel() for p in child.parameters()) + kv_cache_bytes(child.config, 2, 100000, "bf16")
     assert search["predicted"]["memory_bytes"] == pytest.approx(want, rel=1e-12) and want <= budget
     assert search["serving"]["needs_plugin"] and not search["serving"]["not_served_by_vllm"]  # windows: the plugin
+
+
+def test_exclude_kinds_window_searches_the_same_space_without_windows(window_lib):
+    """The same long-context memory budget with --exclude-kinds window: no layer gets a window, so the layers that
+    must shed KV memory take linear or no-op attention instead (the 'best child without windows' of issue #26), and
+    a kind that would remove the parent's own block is refused."""
+    from common.checkpoint import load_checkpoint
+
+    root, _ = window_lib
+    parent_weights = 2 * sum(p.numel() for p in load_checkpoint(os.path.join(root, "parent"))[0].parameters())
+    out = os.path.join(root, "child_long_nowin")
+    mip.main(mip_argv(root, out, "--max-memory-gib", str((parent_weights + 30e6) / 2 ** 30), "--kv-tokens", "200000",
+                      "--no-baselines", "--cost-check", "0", "--exclude-kinds", "window",
+                      "--metrics-name", "mip_window_excluded"))
+    with open(os.path.join(out, "search.json")) as f:
+        attention = [b["attention"] for b in json.load(f)["solution"]]
+    assert not any("win" in a for a in attention), attention
+    assert sum(a == "kv2" for a in attention) <= 1
+    with pytest.raises(SystemExit):
+        mip.parse_args(["--library", "l", "--out", "o", "--exclude-kinds", "gqa"])
