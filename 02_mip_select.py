@@ -57,7 +57,7 @@ from common.quant import DTYPE_BYTES
 from common.model import num_params
 from common.puzzle import assemble_child, load_library, load_variant_state, pair_key, replace_one_block_scores
 from common.variants import KINDS, SUBBLOCKS, config_from_dict, kind_of, kv_bytes, plugin_vllm_serves, stock_vllm_serves
-from data_gen.text import distill_documents
+from common.text_corpus import distill_documents
 
 # ----------------------------------------------------------------------------
 # Arguments
@@ -533,6 +533,7 @@ def main(argv=None):
                "params": main_row["params"], "kl": main_row["kl"], "next_token_acc": main_row["next_token_acc"],
                "next_token_acc_retention": main_row["next_token_acc"] / max(1e-9, pq["next_token_acc"]),
                "top1_agreement": main_row["top1_agreement"], "prediction_error": main_row["prediction_error"],
+               "kl_se": main_row["kl_se"], "per_seq": main_row["per_seq"],  # paired comparisons between children
                "ceiling_speedup": ceiling_speedup, "cost_check_max_abs_error": abs(worst["prediction_error"]),
                "repeat_agreement": repeat["agreement"], "repeat": repeat, "cost_check": cost_check,
                "baselines": baselines, "sweep": sweep}

@@ -41,6 +41,7 @@ from common.checkpoint import (CheckpointError, check_metrics_free, check_out_fr
 from common.cli import add_dtype_arg, nonneg_float, nonneg_int, off_or, positive_int
 from common.model import (AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig,
                           intermediate_size_to_ffn_mult)
+from common.text_corpus import distill_documents
 
 # ----------------------------------------------------------------------------
 # Arguments
@@ -301,7 +302,6 @@ def main(argv=None):
     from common.evaluate import TextEval, speed_eval
     from common.stats import gap_label, paired_gaps
     from common.tracking import init_wandb
-    from data_gen.text import distill_documents
 
     wandb_run = init_wandb(args.wandb_project, args.run_name or "ffn_fusion", user_config, mode=args.wandb_mode)
     print(f"parent (reference) {parent_path}")

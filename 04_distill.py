@@ -12,7 +12,7 @@ whose output it reproduces (the identity for a child with the parent's layer cou
 meta.json for a fused child, where a fused layer stands for the last layer of its group); "final" = only the
 last layer's output (the residual stream before the final norm). "auto" = layers when the map is known.
 
-Packed sequences of the distillation mix (data_gen.text, kept apart from the evaluation suite's held-out
+Packed sequences of the distillation mix (common.text_corpus, kept apart from the evaluation suite's held-out
 text) or any text data set `datasets` can load (--data a .jsonl/.json/.txt/.parquet/.csv file or directory,
 --text-column). DDP under torchrun (FSDP2 with --fsdp), gradient accumulation, warmup + cosine, bf16
 autocast where supported, gradient clipping. A non-finite or exploding loss stops the run with a message and
@@ -66,6 +66,7 @@ from common.quant import FORMATS, calibrate_act_amax, dequantize_model_, quantiz
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
 from common.stats import gap_label, paired_diff, paired_gaps, ratio_se
+from common.text_corpus import distill_documents
 
 LOSSES = ("fkl", "rkl", "cosine", "lm")
 QUANT_METHODS = {"ptq": None, "qat": {"lm": 1.0}, "qad": {"fkl": 1.0}, "qad_self": {"fkl": 1.0}}  # method -> loss
@@ -99,7 +100,7 @@ def build_parser():
     p.add_argument("--max-new-tokens-on", type=positive_int, default=320, help="--quant: math answer budget, thinking on")
     p.add_argument("--max-new-tokens-off", type=positive_int, default=80, help="--quant: answer budget, thinking off")
     # data
-    p.add_argument("--data", default="mix", help="'mix' (data_gen.text distillation mix), a data_gen.build directory "
+    p.add_argument("--data", default="mix", help="'mix' (common.text_corpus distillation mix), a data_gen.build directory "
                    "(its train.jsonl conversations) or a local data set path")
     p.add_argument("--text-column", default="text")
     p.add_argument("--seq-len", type=positive_int, default=256, help="packed row length")
@@ -172,7 +173,6 @@ def resolve_teacher(student: str, given: str | None) -> str:
 
 def load_documents(data: str, text_column: str, tokenizer) -> list[str]:
     if data == "mix":
-        from data_gen.text import distill_documents
         return distill_documents("train")
     if os.path.isfile(os.path.join(data, "train.jsonl")) and os.path.isfile(os.path.join(data, "data_card.json")):
         return chat_documents(tokenizer, sft_records(data))

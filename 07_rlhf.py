@@ -44,6 +44,7 @@ from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_i
 from common.evaluate import generation_eval
 from common.stats import mean_se
 from common.gen_cache import add_gen_cache_args, greedy_generate, open_gen_cache
+from common.generate import add_generator_args, check_generator_args, rollout_generator
 from common.losses import LOSS_TYPES, RPO_LOSSES, rloo_advantages
 from common.optim import NonFiniteError, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
@@ -84,6 +85,7 @@ p.add_argument("--top-p", type=prob, default=1.0)
 p.add_argument("--max-new-tokens", type=positive_int, default=256, help="completion budget (thinking on)")
 p.add_argument("--max-new-tokens-off", type=positive_int, default=96, help="completion budget with thinking off")
 p.add_argument("--gen-batch-size", type=positive_int, default=64, help="rows per generate call")
+add_generator_args(p)  # rloo, grpo-rm and online rpo sample through it
 # rewards
 p.add_argument("--all-met", action="store_true", help="verifier reward 1 only when every constraint is met")
 p.add_argument("--w-format", type=nonneg_float, default=0.0, help="+ w * [toggle format kept] in the verifier reward")
@@ -146,6 +148,13 @@ if args.online and algo != "rpo":
     die(f"--online {args.online} is for --algo rpo (got {algo})")
 if args.k < 2 and (algo in ("rloo", "grpo-rm") or args.online or args.policy_pairs):
     die(f"--k {args.k}: a group of one has no baseline and no pair; use e.g. --k 4")
+samples_rollouts = algo in ("rloo", "grpo-rm") or bool(args.online)
+if args.generator == "vllm" and not samples_rollouts:
+    die(f"--generator vllm samples rollouts (rloo, grpo-rm, online rpo); {algo} samples none: drop the flag")
+try:
+    check_generator_args(args)
+except ValueError as e:
+    die(e)
 DEFAULTS = {"rloo": dict(lr=1e-5, beta=0.05, loss_type="dapo", steps=16),
             "grpo-rm": dict(lr=1e-5, beta=1e-3, loss_type="grpo", steps=16),
             "rpo": dict(lr=5e-6, steps=16), "reward_model": dict(lr=2e-5, steps=64)}
@@ -220,8 +229,12 @@ if algo == "rpo" or (algo in ("rloo", "grpo-rm") and args.beta > 0):  # the froz
     ref_model = load_checkpoint(args.policy, dtype=torch.float32, device=device, with_tokenizer=False)[0]
     ref_model.requires_grad_(False)
 trained = trained or model
+# the sampler of rloo / grpo-rm / online rpo: the policy itself, or a colocated vLLM engine synced after every update
+generator = rollout_generator(args, args.policy, model, dtype, args.seed) if samples_rollouts else model
 print0(f"{algo}: policy {args.policy} (stage {policy_meta.get('stage')}); reward model {args.reward_model or '-'}; "
-       f"compute dtype {dtype}; world size {world_size}" + (f"; RPO rewards from the {reward_source}" if reward_source else ""))
+       f"compute dtype {dtype}; world size {world_size}"
+       + (f"; sampler {'vLLM' if generator is not model else 'HF generate'}" if samples_rollouts else "")
+       + (f"; RPO rewards from the {reward_source}" if reward_source else ""))
 
 # ----------------------------------------------------------------------------
 # Prompts and pairs: training data never shares a meaning with an evaluation prompt
@@ -274,7 +287,7 @@ def sample_pairs(recs: list[dict], score_with_rm: bool) -> tuple[list[dict], Pai
     """k answers per prompt from the current policy; each prompt's best and worst answer (by the reward model, else
     the verifier) become a pair when their rewards differ by more than --min-margin. Returns (pair records for
     logging, Pairs, mean reward of all answers)."""
-    order, ro = sample_by_mode(model, tokenizer, [prompt_text(r) for r in recs], [r["on"] for r in recs], args.k,
+    order, ro = sample_by_mode(generator, tokenizer, [prompt_text(r) for r in recs], [r["on"] for r in recs], args.k,
                                args.max_new_tokens, args.max_new_tokens_off, args.temperature, args.top_p,
                                args.gen_batch_size, dtype) if recs else ([], Rollout([], [], [], args.k))
     rows = [recs[i] for i in order for _ in range(args.k)]
@@ -418,7 +431,7 @@ optimizer = make_adamw(trained.named_parameters(), args.lr, betas=(0.9, 0.99), w
 loss_cfg = PolicyLossConfig(loss_type=args.loss_type, eps_low=args.eps_low, eps_high=args.eps_high,
                             beta=args.beta if algo == "grpo-rm" else 0.0, steps_per_rollout=args.steps_per_rollout,
                             micro_batch=args.micro_batch, grad_clip=args.grad_clip, max_new_tokens=args.max_new_tokens,
-                            dtype=dtype)
+                            dtype=dtype, is_mode=args.is_correction, is_cap=args.is_cap)
 pref_cfg = PreferenceConfig(loss_type=args.rpo_loss, beta=args.rpo_beta, eta=args.rpo_eta,
                             micro_batch=max(1, args.micro_batch // 2), grad_clip=args.grad_clip, dtype=dtype)
 start, history, before = 0, [], {}
@@ -426,6 +439,8 @@ if args.resume:
     st = states.load(trained, optimizer)
     start, history, before = int(st["step"]), json.loads(st["history_json"]), json.loads(st["before_json"])
     print0(f"resumed from {states.latest()}: {start} of {total} {'iterations' if args.online else 'steps'}")
+    if generator is not model:
+        generator.update_weights(model)
 elif reused_before is not None:
     before = reused_before if rank == 0 else {}
     print0(f"evaluation before: reused from {args.before_from}")
@@ -443,7 +458,7 @@ check_finite = states.update_check(trained, algo)
 
 def rollout_step(batch: list[dict]) -> tuple[dict, list]:
     """RLOO or GRPO-vs-RM on this rank's prompts: sample k per prompt, reward, update."""
-    order, ro = sample_by_mode(model, tokenizer, [prompt_text(r) for r in batch], [r["on"] for r in batch], args.k,
+    order, ro = sample_by_mode(generator, tokenizer, [prompt_text(r) for r in batch], [r["on"] for r in batch], args.k,
                                args.max_new_tokens, args.max_new_tokens_off, args.temperature, args.top_p,
                                args.gen_batch_size, dtype) if batch else ([], Rollout([], [], [], args.k))
     rows = [batch[i] for i in order for _ in range(args.k)]
@@ -471,7 +486,8 @@ def rollout_step(batch: list[dict]) -> tuple[dict, list]:
            "completion_tokens": all_reduce_sum(float(ro.num_tokens)) / n,
            "zero_signal_frac": all_reduce_sum(float(st["zero_signal_groups"])) / max(1.0, all_reduce_sum(float(st["groups"]))),
            "clip_fraction": st["clip_fraction"], "loss": st["loss"], "grad_norm": st["grad_norm"],
-           "gen_s": ro.gen_seconds, "train_s": st["train_seconds"]}
+           "gen_s": ro.gen_seconds, "train_s": st["train_seconds"],
+           "is_log_ratio": st["is_log_ratio"], "is_masked_fraction": st["is_masked_fraction"]}
     samples = [("on" if r["on"] else "off", prompt_text(r), t, float(x))
                for r, t, x in list(zip(rows, ro.texts, raw.tolist()))[::args.k][:2]]
     return rec, samples
@@ -527,6 +543,8 @@ with progress(range(start, total), desc=algo, unit="iteration" if args.online el
                 rec, samples = rollout_step(shard_list(schedule[step * args.prompts_per_step:(step + 1) * args.prompts_per_step],
                                                        rank, world_size))
             check_finite_weights(trained, where=f"{algo} step {step + 1}")
+            if generator is not model:
+                generator.update_weights(model)  # colocated vLLM: the next rollout samples from the updated policy
         except NonFiniteError as e:
             die(e)
         rec = {"step": step + 1, "lr": lr, **rec}

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from common.text_corpus import distill_documents
+
 SYSTEM_ON = "detailed thinking on"
 SYSTEM_OFF = "detailed thinking off"
 END_OF_TURN = "<|im_end|>"
@@ -217,10 +219,9 @@ def json_lines(path: str, parse: bool = True, fix: str = "re-encode the file as 
 
 def bld_documents(path: str | None, split: str) -> list[str]:
     """01's training ("train") or scoring ("score") documents: the distillation mix's own disjoint splits
-    (data_gen.text; the evaluation suite's text is a third), or a local text/JSONL file split 9:1 by document
+    (common.text_corpus; the evaluation suite's text is a third), or a local text/JSONL file split 9:1 by document
     (score: every 10th). 02 reads the scoring text the same way (its --rescore-rounds)."""
     if path is None:
-        from data_gen.text import distill_documents
         return distill_documents(split)
     return [d for i, d in enumerate(load_text_documents(path)) if (i % 10 == 0) == (split == "score")]
 

@@ -5,7 +5,7 @@
     python -m common.evaluate ... --quick                       # tiny sizes: smoke runs and tests
 
 Three suites (DESIGN.md "Evaluation: the embedded suite"), each a public function stages call directly:
-  text   TextEval: held-out stdlib prose (data_gen.text, disjoint from the distillation mix); LM loss,
+  text   TextEval: held-out stdlib prose (common.text_corpus, disjoint from the distillation mix); LM loss,
          next-token accuracy, KL(parent || model) per token, top-1 agreement with the parent. The parent's
          full-vocab log-probs are computed once and cached, so scoring a variant costs one forward of it.
   gen    generation_eval: held-out math (data_gen.math_problems.eval_problems) with "detailed thinking on" and
@@ -30,6 +30,7 @@ from common.cli import off_or, positive_int
 from common.dist import autocast_ctx, progress, resolve_dtype, sync
 from common.gen_cache import GenCache, add_gen_cache_args, greedy_generate, open_gen_cache
 from common.stats import mean_se
+from common.text_corpus import distill_documents
 
 # ----------------------------------------------------------------------------
 # Helpers
@@ -58,7 +59,6 @@ class TextEval:
     def __init__(self, parent, tokenizer, seq_len: int = 256, num_seqs: int = 32, batch_size: int = 8,
                  max_tokens: int | None = None, documents: list[str] | None = None):
         from common.data import text_chunks
-        from data_gen.text import distill_documents
 
         if max_tokens is not None:
             num_seqs = max(1, max_tokens // seq_len)

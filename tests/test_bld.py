@@ -31,7 +31,7 @@ def make_parent(root) -> str:
         save_checkpoint(model, tiny_tokenizer(), path, stage="parent")
     text = os.path.join(root, "text.txt")
     if not os.path.exists(text):
-        from data_gen.text import distill_documents
+        from common.text_corpus import distill_documents
         docs = [d.replace("\n", " ") for d in distill_documents("train")[:40]]
         with open(text, "w") as f:
             f.write("\n".join(docs) + "\n")

@@ -16,7 +16,7 @@ from data_gen.records import (in_eval_bucket, load_records, normalize_prompt, pr
                               sample_unique, validate_record, write_jsonl)
 from data_gen.science_mcq import generate_science, science_key
 from data_gen.teacher import rejection_sample
-from data_gen.text import distill_documents
+from common.text_corpus import distill_documents
 
 
 def _some_records():

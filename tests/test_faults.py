@@ -72,7 +72,7 @@ def world(tmp_path_factory):
     from data_gen import build
     build.main(["--out", f"{d}/data", "--math", "24", "--science", "8", "--instructions", "8", "--eval-math", "4",
                 "--eval-instructions", "2"])
-    from data_gen.text import distill_documents
+    from common.text_corpus import distill_documents
     with open(f"{d}/text.txt", "w") as f:
         f.write("\n".join(doc.replace("\n", " ") for doc in distill_documents("train")[:30]) + "\n")
     r = run(["01_bld.py", *BLD, "--metrics-name", "bld"], d, out="library")  # a finished library + metrics/bld.json

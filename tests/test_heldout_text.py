@@ -9,7 +9,7 @@ from conftest import ROOT, tiny_model, tiny_tokenizer
 
 from common.data import spread_chunks
 from common.evaluate import TextEval
-from data_gen.text import all_documents, distill_documents, split_of_documents
+from common.text_corpus import all_documents, distill_documents, split_of_documents
 
 
 def windows(ids, n=24):

@@ -18,7 +18,7 @@ from common.evaluate import TextEval
 from common.model import AttentionConfig, BlockConfig, FFNConfig, fake_quant_kv, rotate_half
 from common.quant import (FP8_MAX, calibrate_kv_scales, kv_calibrate_main, kv_calibration_chunks,
                           set_kv_cache_fp8_)
-from data_gen.text import distill_documents
+from common.text_corpus import distill_documents
 
 MIXED = [BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(ffn_mult=6.0)),
          BlockConfig(AttentionConfig(no_op=True), FFNConfig(ffn_mult=6.0)),

@@ -140,3 +140,27 @@ def test_grpo_runs_with_the_vllm_generator_and_corrects_for_the_sampler(tmp_path
         assert h["completion_tokens"] > 0
         assert h["is_masked_fraction"] is None or 0 <= h["is_masked_fraction"] <= 1
     assert any(h["is_log_ratio"] is not None for h in history)  # groups with signal were trained and corrected
+
+
+@pytest.mark.slow
+def test_rloo_runs_with_the_vllm_generator(tmp_path):
+    """07_rlhf.py --algo rloo --generator vllm on the CPU: instruction-following rollouts from the colocated engine,
+    synced after every step, the importance-sampling statistics recorded, a clean exit; --generator vllm for an
+    algorithm that samples nothing (offline RPO) is a one-line error before any work."""
+    save_checkpoint(policy(0), tiny_tokenizer(), str(tmp_path / "policy"), stage="parent")
+    (tmp_path / "data").mkdir()
+    cmd = [sys.executable, os.path.join(ROOT, "07_rlhf.py"), "--policy", str(tmp_path / "policy"),
+           "--data", str(tmp_path / "data"), "--num-prompts", "8", "--prompts-per-step", "2", "--k", "4",
+           "--steps", "2", "--max-new-tokens", "12", "--max-new-tokens-off", "8", "--eval-if", "0",
+           "--eval-math", "0", "--wandb-mode", "disabled", "--generator", "vllm", "--dtype", "float32"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    r = subprocess.run(cmd + ["--algo", "rpo", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env=env)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --generator vllm samples")
+    r = subprocess.run(cmd + ["--algo", "rloo", "--out", str(tmp_path / "rloo")], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Invalid process group" not in r.stderr and "sampler vLLM" in r.stdout + r.stderr
+    history = json.load(open(tmp_path / "rloo" / "meta.json"))["history"]
+    assert len(history) == 2 and all(h["completion_tokens"] > 0 for h in history)
+    assert all(h["is_masked_fraction"] is None or 0 <= h["is_masked_fraction"] <= 1 for h in history)
