@@ -3,8 +3,8 @@
 A stage writes into a temporary sibling directory and renames it into place, COMPLETED last, so a
 crash never leaves a half checkpoint that looks whole. Loaders read safetensors and JSON, never pickles,
 and check them first: a directory that is not a finished checkpoint, or a truncated / invalid file in it,
-is one CheckpointError naming it. Training state for --resume (optimizer, step, RNG) is saved the same way:
-tensors in safetensors, everything else in JSON. metrics/<name>.json files record the --out they belong to.
+is one CheckpointError naming it (--resume states, saved the same way: common/resume.py). metrics/<name>.json files
+record the --out they belong to.
 """
 
 import json
@@ -14,7 +14,6 @@ import subprocess
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
 
 COMPLETED = "COMPLETED"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,60 +263,3 @@ def write_metrics(run_dir: str, stage: str, metrics: dict, out: str | None = Non
         metrics = {**metrics, "_out": os.path.abspath(out)}
     write_json_atomic(path, metrics)
     return path
-
-
-# ----------------------------------------------------------------------------
-# Training state for --resume: safetensors for tensors, JSON for the rest.
-
-
-def _flatten(prefix, obj, tensors):
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().clone()  # clone: tied weights share storage
-        return {"__tensor__": prefix}
-    if isinstance(obj, dict):
-        return {"__dict__": [[k, _flatten(f"{prefix}.{k}", v, tensors)] for k, v in obj.items()]}  # keeps int keys
-    if isinstance(obj, (list, tuple)):
-        return {"__list__": [_flatten(f"{prefix}.{i}", v, tensors) for i, v in enumerate(obj)]}
-    return obj
-
-
-def _unflatten(node, tensors):
-    if isinstance(node, dict) and "__tensor__" in node:
-        return tensors[node["__tensor__"]]
-    if isinstance(node, dict) and "__dict__" in node:
-        return {k: _unflatten(v, tensors) for k, v in node["__dict__"]}
-    if isinstance(node, dict) and "__list__" in node:
-        return [_unflatten(v, tensors) for v in node["__list__"]]
-    return node
-
-
-def save_state(path: str, state: dict) -> None:
-    """Save a nested dict of tensors / numbers / strings (e.g. optimizer.state_dict(), RNG, step) atomically."""
-    tensors: dict = {}
-    skeleton = _flatten("s", state, tensors)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    save_file(tensors, os.path.join(tmp, "tensors.safetensors"))
-    write_json_atomic(os.path.join(tmp, "state.json"), skeleton)
-    with open(os.path.join(tmp, COMPLETED), "w") as f:
-        f.write("ok\n")
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
-def load_state(path: str) -> dict:
-    if not is_complete(path):
-        raise CheckpointError(f"training state {path} is incomplete (no {COMPLETED}); delete it or start without --resume")
-    tensors_path, skeleton_path = os.path.join(path, "tensors.safetensors"), os.path.join(path, "state.json")
-    for f in (tensors_path, skeleton_path):
-        if not os.path.isfile(f):
-            raise CheckpointError(f"training state {path} has no {os.path.basename(f)}; delete the state to resume "
-                                  f"from an earlier one")
-    check_safetensors(tensors_path)
-    try:
-        return _unflatten(read_json(skeleton_path), load_file(tensors_path))
-    except (KeyError, TypeError, OSError) as e:
-        raise CheckpointError(f"training state {path} is damaged ({type(e).__name__}: {e}); delete it to resume from "
-                              f"an earlier state") from None
-

@@ -1,4 +1,5 @@
-"""Optimizer, learning-rate schedule, the finite-update guard and --resume state for every training stage.
+"""Optimizer, learning-rate schedule and the finite-update guard for every training stage (--resume states:
+common/resume.py).
 
 AdamW with float32 master weights (pure-bf16 AdamW barely moves the weights), no weight decay on
 norms and biases, linear warmup then cosine decay (Puzzletron's BLD and LN-Ultra's SFT schedule).
@@ -13,12 +14,9 @@ norm) would let optimizer.step() write NaN weights into the next saved state. So
 """
 
 import math
-import os
-import re
 
 import torch
 
-from common.checkpoint import load_state, save_state
 
 
 def make_adamw(params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.1, named: bool = True):
@@ -83,38 +81,3 @@ def check_finite_weights(model, where: str) -> None:
     if bad:
         raise NonFiniteError(f"weight {bad} is not finite after {where}; nothing was saved from it; rerun with "
                              f"--resume (from the last good state) and a lower --lr")
-
-
-def save_train_state(path: str, step: int, model=None, optimizer=None, **extra) -> None:
-    """Everything --resume needs: weights, optimizer moments, step, RNG, any extra tensors/JSON values.
-    model: a module, or its full state dict (what FSDP gathers)."""
-    state = {"step": step, "torch_rng": torch.get_rng_state(), **extra}
-    if isinstance(model, dict):
-        state["model"] = model
-    elif model is not None:
-        state["model"] = {k: v for k, v in getattr(model, "module", model).state_dict().items()}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    save_state(path, state)
-
-
-def load_train_state(path: str, model=None, optimizer=None, reset_optimizer: bool = False) -> dict:
-    """Restore what save_train_state wrote; returns the state dict (step and extras)."""
-    state = load_state(path)
-    if model is not None:
-        getattr(model, "module", model).load_state_dict(state["model"])
-    if optimizer is not None and not reset_optimizer:
-        optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state
-
-
-STATE_NAME = re.compile(r"step-\d{6,}$")  # not step-000123.tmp-<pid>: a save that was cut off
-
-
-def finished_states(dir_: str) -> list[str]:
-    """The finished states under dir_ (named step-000123, COMPLETED inside), oldest first."""
-    if not os.path.isdir(dir_):
-        return []
-    done = [d for d in os.listdir(dir_) if STATE_NAME.match(d) and os.path.isfile(os.path.join(dir_, d, "COMPLETED"))]
-    return [os.path.join(dir_, d) for d in sorted(done, key=lambda d: int(d[5:]))]

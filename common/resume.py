@@ -1,4 +1,5 @@
-"""Resume states tied to the run that made them.
+"""--resume, in one place: training states (weights, optimizer, step, RNG, extras; tensors in safetensors, the
+rest in JSON) tied to the run that made them.
 
 A training stage keeps its --resume states in <out>.state/: args.json (the arguments of the run that made
 them) and step-000123/ directories (weights, optimizer moments, step, RNG, the stage's extras), the newest
@@ -28,14 +29,109 @@ import os
 import re
 import shutil
 
-from common.checkpoint import CheckpointError, check_out_free, read_json, write_json_atomic
-from common.optim import STATE_NAME, check_finite_update, finished_states, load_train_state, save_train_state
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.checkpoint import (COMPLETED, CheckpointError, check_out_free, check_safetensors, is_complete, read_json,
+                               write_json_atomic)
+from common.optim import check_finite_update
 
 # flags that may differ between a run and its resume whatever the stage: they do not change the result, or (lr)
 # changing them is the documented fix for a non-finite step
 FREE_KEYS = ("resume", "wandb_mode", "wandb_project", "run_name", "threads", "lr")
 ARGS_FILE = "args.json"
 _UNSET = object()
+
+
+# ----------------------------------------------------------------------------
+# Training state for --resume: safetensors for tensors, JSON for the rest.
+
+
+def _flatten(prefix, obj, tensors):
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().clone()  # clone: tied weights share storage
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(f"{prefix}.{k}", v, tensors)] for k, v in obj.items()]}  # keeps int keys
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_flatten(f"{prefix}.{i}", v, tensors) for i, v in enumerate(obj)]}
+    return obj
+
+
+def _unflatten(node, tensors):
+    if isinstance(node, dict) and "__tensor__" in node:
+        return tensors[node["__tensor__"]]
+    if isinstance(node, dict) and "__dict__" in node:
+        return {k: _unflatten(v, tensors) for k, v in node["__dict__"]}
+    if isinstance(node, dict) and "__list__" in node:
+        return [_unflatten(v, tensors) for v in node["__list__"]]
+    return node
+
+
+def save_state(path: str, state: dict) -> None:
+    """Save a nested dict of tensors / numbers / strings (e.g. optimizer.state_dict(), RNG, step) atomically."""
+    tensors: dict = {}
+    skeleton = _flatten("s", state, tensors)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    save_file(tensors, os.path.join(tmp, "tensors.safetensors"))
+    write_json_atomic(os.path.join(tmp, "state.json"), skeleton)
+    with open(os.path.join(tmp, COMPLETED), "w") as f:
+        f.write("ok\n")
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_state(path: str) -> dict:
+    if not is_complete(path):
+        raise CheckpointError(f"training state {path} is incomplete (no {COMPLETED}); delete it or start without --resume")
+    tensors_path, skeleton_path = os.path.join(path, "tensors.safetensors"), os.path.join(path, "state.json")
+    for f in (tensors_path, skeleton_path):
+        if not os.path.isfile(f):
+            raise CheckpointError(f"training state {path} has no {os.path.basename(f)}; delete the state to resume "
+                                  f"from an earlier one")
+    check_safetensors(tensors_path)
+    try:
+        return _unflatten(read_json(skeleton_path), load_file(tensors_path))
+    except (KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"training state {path} is damaged ({type(e).__name__}: {e}); delete it to resume from "
+                              f"an earlier state") from None
+
+
+def save_train_state(path: str, step: int, model=None, optimizer=None, **extra) -> None:
+    """Everything --resume needs: weights, optimizer moments, step, RNG, any extra tensors/JSON values.
+    model: a module, or its full state dict (what FSDP gathers)."""
+    state = {"step": step, "torch_rng": torch.get_rng_state(), **extra}
+    if isinstance(model, dict):
+        state["model"] = model
+    elif model is not None:
+        state["model"] = {k: v for k, v in getattr(model, "module", model).state_dict().items()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    save_state(path, state)
+
+
+def load_train_state(path: str, model=None, optimizer=None, reset_optimizer: bool = False) -> dict:
+    """Restore what save_train_state wrote; returns the state dict (step and extras)."""
+    state = load_state(path)
+    if model is not None:
+        getattr(model, "module", model).load_state_dict(state["model"])
+    if optimizer is not None and not reset_optimizer:
+        optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+STATE_NAME = re.compile(r"step-\d{6,}$")  # not step-000123.tmp-<pid>: a save that was cut off
+
+
+def finished_states(dir_: str) -> list[str]:
+    """The finished states under dir_ (named step-000123, COMPLETED inside), oldest first."""
+    if not os.path.isdir(dir_):
+        return []
+    done = [d for d in os.listdir(dir_) if STATE_NAME.match(d) and os.path.isfile(os.path.join(dir_, d, "COMPLETED"))]
+    return [os.path.join(dir_, d) for d in sorted(done, key=lambda d: int(d[5:]))]
 
 
 def _flag(key: str) -> str:

@@ -29,8 +29,8 @@ import pytest
 import torch
 from conftest import ROOT, tiny_model, tiny_tokenizer
 
-from common.checkpoint import load_state, save_checkpoint, write_json_atomic
-from common.optim import finished_states
+from common.checkpoint import save_checkpoint, write_json_atomic
+from common.resume import finished_states, load_state
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
