@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash install.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=disabled
-.venv/bin/python -m pytest -q tests/ "$@"
+.venv/bin/python -m pytest -q --durations=15 tests/ "$@"
 bash install_vllm.sh
 .venv-vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_rollouts.py tests/test_vllm_export.py
