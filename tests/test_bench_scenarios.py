@@ -46,3 +46,24 @@ def test_bad_flags_exit_with_one_line(tmp_path, argv):
     with pytest.raises(SystemExit) as e:
         bench.main([x for kv in base.items() for x in kv])
     assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
+
+
+def test_quality_beside_speed_is_kl_to_the_parent_with_paired_gaps(tmp_path):
+    """--scenarios none --eval-seq-len: KL to the parent (0 for the parent itself, > 0 for a window child at a length
+    its window does not cover, 0 for a window that covers every chunk) and each pair's paired gap."""
+    tok = tiny_tokenizer()
+    save_checkpoint(tiny_model(seed=0), tok, str(tmp_path / "parent"), stage="parent")
+    save_checkpoint(tiny_model(seed=0, blocks=window_blocks({1, 2, 3})), tok, str(tmp_path / "win"), stage="test")
+    wide = [BlockConfig(AttentionConfig(n_heads_in_group=2, window_length=64), FFNConfig(ffn_mult=6.0))] * 4
+    save_checkpoint(tiny_model(seed=0, blocks=wide), tok, str(tmp_path / "wide"), stage="test")
+    out = tmp_path / "q.json"
+    bench.main(["--run-dir", str(tmp_path), "--models", "win,wide", "--scenarios", "none", "--eval-seq-len", "32",
+                "--eval-seqs", "4", "--threads", "1", "--out", str(out)])
+    q = json.loads(out.read_text())["quality"]
+    assert q["seq_len"] == 32 and q["num_seqs"] == 4 and "scenarios" not in q
+    kl = {n: r["kl_parent"] for n, r in q["models"].items()}
+    assert kl["parent"] == 0 and kl["win"] > 1e-4 and kl["wide"] < kl["win"] / 100  # W = 64 covers the 32 tokens
+    g = q["paired"]["win - wide"]
+    assert g["kl_parent"] == pytest.approx(kl["win"] - kl["wide"], abs=1e-9) and g["kl_parent_se"] >= 0
+    with pytest.raises(SystemExit):
+        bench.main(["--run-dir", str(tmp_path), "--models", "win", "--scenarios", "none"])
