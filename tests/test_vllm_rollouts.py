@@ -115,23 +115,30 @@ def test_fp8_generation_is_refused_on_the_cpu_before_an_engine_starts(tmp_path):
         VLLMGenerator(str(tmp_path / "parent"), quantization="fp8")
 
 
+def tiny_rl_run(tmp_path, script: str, *flags):
+    """run(out, *more, timeout=600): `script` on a tiny saved policy with --generator vllm (float32, short
+    completions), in a fresh interpreter, --out tmp_path/out."""
+    save_checkpoint(policy(0), tiny_tokenizer(), str(tmp_path / "policy"), stage="parent")
+    (tmp_path / "data").mkdir()
+    cmd = [sys.executable, os.path.join(ROOT, script), "--policy", str(tmp_path / "policy"), "--data",
+           str(tmp_path / "data"), "--max-new-tokens", "12", "--max-new-tokens-off", "8", "--wandb-mode", "disabled",
+           "--generator", "vllm", "--dtype", "float32", *flags]
+    env = {**os.environ, "PYTHONPATH": ROOT, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return lambda out, *more, timeout=600: subprocess.run(cmd + ["--out", str(tmp_path / out), *more],
+                                                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                                                          env=env)
+
+
 @pytest.mark.slow
 def test_grpo_runs_with_the_vllm_generator_and_corrects_for_the_sampler(tmp_path):
     """06_grpo.py --generator vllm on the CPU: rollouts from the colocated engine, weights synced after every
     optimizer step, the importance-sampling statistics recorded, a clean exit (no process-group error at shutdown);
     --fp8-generation is a one-line error before any work."""
-    save_checkpoint(policy(0), tiny_tokenizer(), str(tmp_path / "policy"), stage="parent")
-    (tmp_path / "data").mkdir()
-    cmd = [sys.executable, os.path.join(ROOT, "06_grpo.py"), "--policy", str(tmp_path / "policy"),
-           "--data", str(tmp_path / "data"), "--num-prompts", "8", "--filter-samples", "2", "--prompts-per-step", "2",
-           "--group-size", "4", "--steps", "2", "--max-new-tokens", "12", "--max-new-tokens-off", "8",
-           "--eval-problems", "0", "--wandb-mode", "disabled", "--generator", "vllm", "--dtype", "float32"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    r = subprocess.run(cmd + ["--out", str(tmp_path / "bad"), "--fp8-generation"], capture_output=True, text=True,
-                       timeout=120, cwd=ROOT, env=env)
+    run = tiny_rl_run(tmp_path, "06_grpo.py", "--num-prompts", "8", "--filter-samples", "2", "--prompts-per-step", "2",
+                      "--group-size", "4", "--steps", "2", "--eval-problems", "0")
+    r = run("bad", "--fp8-generation", timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --fp8-generation needs")
-    r = subprocess.run(cmd + ["--out", str(tmp_path / "grpo")], capture_output=True, text=True, timeout=600,
-                       cwd=ROOT, env=env)
+    r = run("grpo")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Invalid process group" not in r.stderr
     history = json.load(open(tmp_path / "grpo" / "meta.json"))["history"]
@@ -147,18 +154,11 @@ def test_rloo_runs_with_the_vllm_generator(tmp_path):
     """07_rlhf.py --algo rloo --generator vllm on the CPU: instruction-following rollouts from the colocated engine,
     synced after every step, the importance-sampling statistics recorded, a clean exit; --generator vllm for an
     algorithm that samples nothing (offline RPO) is a one-line error before any work."""
-    save_checkpoint(policy(0), tiny_tokenizer(), str(tmp_path / "policy"), stage="parent")
-    (tmp_path / "data").mkdir()
-    cmd = [sys.executable, os.path.join(ROOT, "07_rlhf.py"), "--policy", str(tmp_path / "policy"),
-           "--data", str(tmp_path / "data"), "--num-prompts", "8", "--prompts-per-step", "2", "--k", "4",
-           "--steps", "2", "--max-new-tokens", "12", "--max-new-tokens-off", "8", "--eval-if", "0",
-           "--eval-math", "0", "--wandb-mode", "disabled", "--generator", "vllm", "--dtype", "float32"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    r = subprocess.run(cmd + ["--algo", "rpo", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
-                       timeout=120, cwd=ROOT, env=env)
+    run = tiny_rl_run(tmp_path, "07_rlhf.py", "--num-prompts", "8", "--prompts-per-step", "2", "--k", "4", "--steps", "2",
+                      "--eval-if", "0", "--eval-math", "0")
+    r = run("bad", "--algo", "rpo", timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --generator vllm samples")
-    r = subprocess.run(cmd + ["--algo", "rloo", "--out", str(tmp_path / "rloo")], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT, env=env)
+    r = run("rloo", "--algo", "rloo")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Invalid process group" not in r.stderr and "sampler vLLM" in r.stdout + r.stderr
     history = json.load(open(tmp_path / "rloo" / "meta.json"))["history"]
