@@ -246,3 +246,30 @@ def test_exclude_kinds_window_searches_the_same_space_without_windows(window_lib
     assert sum(a == "kv2" for a in attention) <= 1
     with pytest.raises(SystemExit):
         mip.parse_args(["--library", "l", "--out", "o", "--exclude-kinds", "gqa"])
+
+
+def test_kv_dtype_fp8_spends_the_saved_memory_and_the_child_runs_an_fp8_cache(window_lib):
+    """The same budget as the bf16 test above (weights + 30 MB at 100,000 cached tokens per sequence, where one
+    full-attention layer's bf16 KV is 25.6 MB): with --kv-dtype fp8 a full layer's KV is half that, so the MIP keeps
+    two full-attention layers instead of one; the saved child runs an FP8 KV cache with calibrated per-layer scales
+    (its KL includes the rounding), and its predicted memory is its weights + the FP8 KV by the window rule."""
+    from common.checkpoint import load_checkpoint
+    from common.variants import kv_cache_bytes
+
+    root, _ = window_lib
+    parent, _ = load_checkpoint(os.path.join(root, "parent"))
+    budget = 2 * sum(p.numel() for p in parent.parameters()) + 30e6
+    out = os.path.join(root, "child_long_fp8")
+    mip.main(mip_argv(root, out, "--max-memory-gib", str(budget / 2 ** 30), "--kv-tokens", "200000", "--kv-dtype",
+                      "fp8", "--no-baselines", "--cost-check", "0", "--metrics-name", "mip_window_fp8"))
+    with open(os.path.join(out, "search.json")) as f:
+        search = json.load(f)
+    attention = [b["attention"] for b in search["solution"]]
+    assert sum(a == "kv2" for a in attention) >= 2, attention
+    child, _ = load_checkpoint(out)
+    assert child.config.kv_cache_dtype == "fp8"
+    attn = [layer.self_attn for layer in child.model.layers if getattr(layer, "self_attn", None) is not None
+            and hasattr(layer.self_attn, "k_scale")]
+    assert attn and all(float(m.k_scale) > 0 and float(m.v_scale) > 0 and float(m.k_scale) != 1.0 for m in attn)
+    want = 2 * sum(p.numel() for p in child.parameters()) + kv_cache_bytes(child.config, 2, 100000, "fp8")
+    assert search["predicted"]["memory_bytes"] == pytest.approx(want, rel=1e-12) and want <= budget
