@@ -10,15 +10,15 @@ import sys
 
 
 def _die_at_save(n: int) -> None:
-    import common.checkpoint as checkpoint
-    real, calls = checkpoint.save_file, []
+    import common.resume as resume
+    real, calls = resume.save_file, []
 
     def save_then_die(*args, **kwargs):
         calls.append(1)
         real(*args, **kwargs)
         if len(calls) == n:
             os.kill(os.getpid(), signal.SIGKILL)
-    checkpoint.save_file = save_then_die
+    resume.save_file = save_then_die
 
 
 if __name__ == "__main__":
