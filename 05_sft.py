@@ -19,14 +19,13 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 
 import torch
 
 from common.checkpoint import CheckpointError, check_metrics_free, load_checkpoint, load_meta, save_checkpoint
 from common.checkpoint import write_metrics
-from common.cli import (add_dtype_arg, add_save_every_arg, float_list, fraction, int_list, nonneg_float, nonneg_int,
+from common.cli import (add_dtype_arg, add_save_every_arg, die, float_list, fraction, int_list, nonneg_float, nonneg_int,
                         off_or, positive_float, positive_int, prob)
 from common.data import IGNORE, collate, first_answer_token_weights, pack_examples, tokenize_sft_example
 from common.dist import (autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list,
@@ -35,6 +34,7 @@ from common.evaluate import math_both_modes, toggle_eval
 from common.gen_cache import GenCacheError, add_gen_cache_args, open_gen_cache
 from common.optim import NonFiniteError, check_finite_update, check_finite_weights, lr_at, make_adamw, set_lr
 from common.resume import RunStates
+from common.tables import sft_tables
 from common.tracking import add_wandb_args, init_wandb
 from data_gen.math_problems import eval_problems
 from data_gen.records import load_records
@@ -83,14 +83,18 @@ args = p.parse_args()
 user_config = vars(args).copy()
 epochs, max_steps, lrs = args.epochs, args.max_steps, args.lr  # one value per curriculum stage
 run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
-try:  # before any work: --out free, <out>.state/ holds only this run's states, metrics/<name>.json is ours
+# ----------------------------------------------------------------------------
+# Validation: everything read from disk checked before any work (--out free, <out>.state/ holds only this run's
+# states, metrics/<name>.json is ours)
+
+try:
     states = RunStates(args.out, user_config, resume=args.resume,
                        budget_keys=("epochs", "max_steps", "save_every", "no_gen_cache"))
     check_metrics_free(run_dir, args.metrics_name, args.out)
     init_meta = load_meta(args.init)
     gen_cache = open_gen_cache(run_dir, args)
 except (CheckpointError, GenCacheError) as e:
-    sys.exit(f"error: {e}")
+    die(e)
 
 # ----------------------------------------------------------------------------
 # Init
@@ -108,7 +112,7 @@ print0(f"init {args.init} (stage {init_meta.get('stage')}); {sum(p.numel() for p
 try:
     train = load_records(args.data, "train")
 except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+    die(e)
 records = [dict(r) for r in train]
 if args.max_train_examples > 0:
     records = random.Random(args.seed).sample(records, min(len(records), args.max_train_examples))
@@ -124,7 +128,7 @@ stage_records = [
     rng.sample(reasoning_on, min(replay, len(reasoning_on))) + rng.sample(reasoning_off, min(replay, len(reasoning_off))) + chat,
 ]
 if not reasoning_on or not reasoning_off:
-    sys.exit(f"error: {args.data} needs reasoning on and off records (found {len(reasoning_on)} on, "
+    die(f"{args.data} needs reasoning on and off records (found {len(reasoning_on)} on, "
              f"{len(reasoning_off)} off); build it with python -m data_gen.build --out {args.data}")
 
 
@@ -151,7 +155,7 @@ try:
                    for row in packed_rows(stage_records[s], epoch_seed=args.seed * 1000 + s * 100 + e)]
                   for s in range(3)]
 except ValueError as e:
-    sys.exit(f"error: {e}")
+    die(e)
 if cut_off:
     print0(f"skipped {len(cut_off)} examples whose response starts after --seq-len {args.seq_len} tokens")
 per_step = args.batch_size * args.grad_accum
@@ -159,9 +163,9 @@ stage_steps = [min(len(rows) // per_step, max_steps[s]) if max_steps[s] >= 0 els
                for s, rows in enumerate(stage_rows)]
 short = [s + 1 for s in range(3) if max_steps[s] != 0 and stage_steps[s] == 0]
 if not any(max_steps):  # zero steps would save an untrained "SFT" checkpoint
-    sys.exit("error: --max-steps 0,0,0 skips every SFT stage, so nothing would be trained; give a stage some steps")
+    die("--max-steps 0,0,0 skips every SFT stage, so nothing would be trained; give a stage some steps")
 if short:
-    sys.exit(f"error: SFT stage(s) {short} get no optimizer step ({[len(r) for r in stage_rows]} packed rows per "
+    die(f"SFT stage(s) {short} get no optimizer step ({[len(r) for r in stage_rows]} packed rows per "
              f"stage, {per_step} per step = --batch-size x --grad-accum); lower those, raise --epochs, or skip a "
              f"stage with 0 in its place in --max-steps")
 
@@ -226,7 +230,7 @@ for s in range(start["stage"], 3):
                 check_finite_update(raw_model, loss_sum, gnorm, f"SFT stage {s + 1} step {step + 1} "
                                     f"(last good state: {states.latest() or 'none'})")
             except NonFiniteError as e:
-                sys.exit(f"error: {e}")
+                die(e)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             start["global_step"] += 1
@@ -240,7 +244,7 @@ for s in range(start["stage"], 3):
                 try:
                     check_finite_weights(raw_model, f"SFT stage {s + 1} step {step + 1}")
                 except NonFiniteError as e:
-                    sys.exit(f"error: {e}")
+                    die(e)
                 states.save(start["global_step"], raw_model, optimizer, stage=s, stage_step=step + 1,
                             tokens_seen=tokens_seen, train_seconds=time.time() - t0, history_json=json.dumps(history),
                             before_eval_json=json.dumps(before))
@@ -251,7 +255,7 @@ for s in range(start["stage"], 3):
 try:
     check_finite_weights(raw_model, "SFT")
 except NonFiniteError as e:
-    sys.exit(f"error: {e}")
+    die(e)
 after = eval_both_modes(raw_model, "after SFT") if rank == 0 else {}
 toggle = {}  # the toggle where it decides (first tokens), on more problems than the full-answer evaluation
 if rank == 0 and args.toggle_problems:
@@ -279,16 +283,10 @@ if rank == 0:
             wandb_run.log({f"sft/samples_{mode}": table})
     save_checkpoint(raw_model, tokenizer, args.out, stage="sft", args=user_config,
                     meta={"parent": parent_path, "init": args.init, "metrics": metrics, "history": history})
+    metrics["report"] = sft_tables(metrics, args.metrics_name)
     metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
     states.finish()
-    print0(f"\n| mode | metric | {'parent':>8} | {'before':>8} | {'after':>8} |\n|---|---|---|---|---|")
-    for mode in ("on", "off"):
-        for k in ("accuracy", "accuracy_multistep", "format_compliance", "mean_response_tokens"):
-            vals = [metrics.get(f"{w}_{mode}_{k}") for w in ("parent", "before", "after")]
-            print0(f"| {mode} | {k} | " + " | ".join(f"{'-' if v is None else round(v, 3):>8}" for v in vals) + " |")
-    if toggle:
-        print0(f"toggle ({toggle['n']} problems, first {toggle['max_new_tokens']} tokens): opens a think block "
-               f"{toggle['think_rate_on']:.2f} with on, {toggle['think_rate_off']:.2f} with off")
+    print0("\n" + "\n".join(metrics["report"]))
     print0(f"checkpoint: {args.out}; metrics: {metrics_path}")
 wandb_run.finish()
 compute_cleanup()

@@ -21,14 +21,13 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 
 import torch
 
 from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, load_meta_matching,
                                save_checkpoint, write_json_atomic, write_metrics)
-from common.cli import add_dtype_arg, add_save_every_arg, fraction, nonneg_float, nonneg_int, positive_float, positive_int, prob
+from common.cli import add_dtype_arg, add_save_every_arg, die, fraction, nonneg_float, nonneg_int, positive_float, positive_int, prob
 from common.data import build_messages, render_prompt
 from common.dist import all_reduce_sum, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.evaluate import math_both_modes
@@ -40,6 +39,7 @@ from common.resume import RunStates
 from common.rewards import math_reward
 from common.rl import PolicyLossConfig, Rollout, curriculum_order, pass_rate_filter, sample_by_mode, train_on_rollout
 from common.stats import mean_se
+from common.tables import grpo_tables
 from common.tracking import DummyWandb, add_wandb_args, init_wandb, wandb_table
 from data_gen.math_problems import eval_problems, rl_problems, semantic_key
 from data_gen.records import problem_records, read_jsonl, write_jsonl
@@ -106,12 +106,16 @@ add_gen_cache_args(p)
 add_wandb_args(p)
 args = p.parse_args()
 user_config = vars(args).copy()
+
+# ----------------------------------------------------------------------------
+# Validation: every flag and everything read from disk checked before any work
+
 if args.group_size < 2:
-    sys.exit("error: --group-size must be >= 2 (a group of one has no baseline); use e.g. --group-size 8")
+    die("--group-size must be >= 2 (a group of one has no baseline); use e.g. --group-size 8")
 try:
     check_generator_args(args)
 except ValueError as e:
-    sys.exit(f"error: {e}")
+    die(e)
 run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.out))
 try:
     policy_meta = load_meta(args.policy)
@@ -124,7 +128,7 @@ try:
     check_metrics_free(run_dir, args.metrics_name, args.out)
     gen_cache = open_gen_cache(run_dir, args)
 except (CheckpointError, GenCacheError) as e:
-    sys.exit(f"error: {e}")
+    die(e)
 
 # ----------------------------------------------------------------------------
 # Init
@@ -134,7 +138,7 @@ dtype = resolve_dtype(args.dtype, device)
 wandb_run = init_wandb(args.wandb_project, args.run_name or "grpo", user_config, mode=args.wandb_mode)
 model, tokenizer = load_checkpoint(args.policy, dtype=torch.float32, device=device)  # fp32 master weights
 if not all(torch.isfinite(w).all() for w in model.parameters()):  # sampling would fail deep inside generate
-    sys.exit(f"error: {args.policy} holds non-finite weights; start from a checkpoint whose training did not diverge")
+    die(f"{args.policy} holds non-finite weights; start from a checkpoint whose training did not diverge")
 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 parent_path = policy_meta.get("parent") or args.policy
 ref_model = None
@@ -149,8 +153,9 @@ print0(f"policy {args.policy} (stage {policy_meta.get('stage')}); compute dtype 
 # Prompts: the RL pool (never the evaluation problems), modes, pass-rate filter, curriculum
 
 eval_set = eval_problems(args.eval_problems, seed=0) if args.eval_problems > 0 else []
-# every held-out set of the pipeline (this stage's, the suite's 30, 05's 32), held out by meaning
-heldout = eval_set + eval_problems(30, seed=0) + eval_problems(32, seed=1234)
+# every held-out set of the pipeline (this stage's; eval.jsonl's 200, whose first 30 are the suite's; 05's 32), held
+# out by meaning
+heldout = eval_set + eval_problems(200, seed=0) + eval_problems(32, seed=1234)
 pool_path = args.prompts or os.path.join(args.data, "rl_math.jsonl")
 try:
     if args.prompts is None and not os.path.exists(pool_path) and rank == 0:
@@ -161,11 +166,11 @@ try:
         torch.distributed.barrier()
     records = read_jsonl(pool_path)
 except ValueError as e:
-    sys.exit(f"error: {e}")
+    die(e)
 banned = {semantic_key(q) for q in heldout}
 candidates = [r for r in records if r.get("answer") not in (None, "") and semantic_key(r) not in banned]
 if not candidates:
-    sys.exit(f"error: {pool_path} has no prompt with an answer outside the evaluation set ({len(records)} records); "
+    die(f"{pool_path} has no prompt with an answer outside the evaluation set ({len(records)} records); "
              f"give math records with an 'answer' field")
 candidates = candidates[:args.num_prompts]
 mode_rng = random.Random(f"modes:{args.seed}")
@@ -203,7 +208,7 @@ if os.path.exists(cache_path):
         with open(cache_path) as f:
             cache = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        sys.exit(f"error: {cache_path} is not valid JSON ({e}); delete it to resample the pass rates")
+        die(f"{cache_path} is not valid JSON ({e}); delete it to resample the pass rates")
 rates = cache.get(fingerprint, {})
 
 
@@ -241,7 +246,7 @@ print0(f"pass-rate filter: {len(candidates)} candidates, {dropped} dropped (pass
        f"{n_zero} with pass rate 0" + (f", {hard} dropped as unsolved (< {args.min_pass_rate})" if hard else "") +
        f", {len(kept)} kept" + (" (--no-filter)" if args.no_filter else ""))
 if not kept:
-    sys.exit(f"error: every prompt was filtered out: of {len(candidates)} candidates {dropped} have pass rate >= "
+    die(f"every prompt was filtered out: of {len(candidates)} candidates {dropped} have pass rate >= "
              f"{args.max_pass_rate} and {hard} below --min-pass-rate {args.min_pass_rate} under {filter_path}; "
              f"widen the band or use more --num-prompts")
 kept = curriculum_order(kept, [rates.get(key(r), 0.0) for r in kept], args.seed, curriculum=not args.no_curriculum)
@@ -265,7 +270,7 @@ def reuse_before(path) -> dict:
         m = load_meta_matching(path, ("grpo",), vars(args), ("policy", "eval_problems", "eval_max_new_tokens",
                                                               "eval_max_new_tokens_off"))["metrics"]
     except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        die(e)
     print0(f"before: reused from {path}")
     return {mode: {k: m.get(f"before_{mode}_{k}") for k in ("accuracy", "accuracy_multistep", "format_compliance",
                                                             "mean_response_tokens", "correct")}
@@ -321,7 +326,7 @@ with progress(range(start, args.steps), desc="GRPO", unit="rollout", initial=sta
             st = train_on_rollout(model, optimizer, rollout, rewards, loss_cfg, device, pad_id, ref_model, check_finite)
             check_finite_weights(model, where=f"GRPO rollout step {step + 1}")
         except NonFiniteError as e:
-            sys.exit(f"error: {e}")
+            die(e)
         if generator is not model:
             generator.update_weights(model)  # colocated vLLM: the next rollout samples from the updated policy
         n = all_reduce_sum(float(len(scored)))
@@ -373,17 +378,10 @@ if rank == 0:
         metrics[f"gain_{mode}"], metrics[f"gain_{mode}_se"] = mean_se(d)  # paired over the same problems
     save_checkpoint(model, tokenizer, args.out, stage="grpo", args=user_config,
                     meta={"parent": parent_path, "init": args.policy, "metrics": metrics, "history": history})
+    metrics["report"] = grpo_tables(metrics, args.metrics_name)
     write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
     states.finish()
-    print0("\n| mode | metric | before | after |\n|---|---|---|---|")
-    for mode in ("on", "off") if after else ():
-        for k in ("accuracy", "format_compliance", "mean_response_tokens"):
-            b, a = metrics.get(f"before_{mode}_{k}"), metrics.get(f"after_{mode}_{k}")
-            fmt = (lambda v: "-" if v is None else f"{v:.3f}")
-            se = f" ± {metrics[f'before_{mode}_accuracy_se']:.3f}" if k == "accuracy" else ""
-            se2 = f" ± {metrics[f'after_{mode}_accuracy_se']:.3f}" if k == "accuracy" else ""
-            print0(f"| {mode} | {k} | {fmt(b)}{se} | {fmt(a)}{se2} |")
-        print0(f"| {mode} | gain (paired SE) | | {metrics[f'gain_{mode}']:+.3f} ± {metrics[f'gain_{mode}_se']:.3f} |")
+    print0("\n" + "\n".join(metrics["report"]))
     print0(f"checkpoint: {args.out}; metrics: {os.path.join(run_dir, 'metrics', args.metrics_name + '.json')}")
 wandb_run.finish()
 compute_cleanup()

@@ -37,12 +37,13 @@ import time
 import torch
 
 from common.checkpoint import (CheckpointError, check_metrics_free, load_checkpoint, load_meta, load_meta_matching,
-                               save_checkpoint, write_metrics)
+                               read_run_metrics, save_checkpoint, write_metrics)
 from common.cli import add_dtype_arg, add_save_every_arg, die, nonneg_float, nonneg_int, positive_float, positive_int, prob
 from common.data import build_messages, end_of_turn_id, render_prompt
 from common.dist import all_reduce_sum, autocast_ctx, compute_cleanup, compute_init, print0, progress, resolve_dtype, shard_list
 from common.evaluate import generation_eval
 from common.stats import mean_se
+from common.tables import reward_model_tables, rlhf_tables, rpo_loss_table
 from common.gen_cache import add_gen_cache_args, greedy_generate, open_gen_cache
 from common.generate import add_generator_args, check_generator_args, rollout_generator
 from common.losses import LOSS_TYPES, RPO_LOSSES, rloo_advantages
@@ -137,8 +138,10 @@ add_gen_cache_args(p)
 add_wandb_args(p)
 args = p.parse_args()
 
+# ----------------------------------------------------------------------------
+# Validation: every flag and everything read from disk checked before the first model loads; then the
+# per-algorithm defaults of the None flags
 
-# one validation place; then the per-algorithm defaults of the None flags
 if args.train_reward_model == (args.algo is not None):
     die("give exactly one of --algo rloo|rpo|grpo-rm and --train-reward-model")
 algo = "reward_model" if args.train_reward_model else args.algo
@@ -624,16 +627,19 @@ if rank == 0:
                  for r, a in list(zip(eval_pairs, after["accuracy"]))[:100]])})
     else:
         save_checkpoint(model, tokenizer, args.out, stage=f"rlhf_{algo}", args=user_config, meta=meta)
+    if algo == "reward_model":
+        metrics["report"] = reward_model_tables(metrics, args.metrics_name)
+    else:
+        metrics["report"] = rlhf_tables(metrics, args.metrics_name)
+    if algo == "rpo" and not args.online:  # lined up with every offline RPO run of this run directory: the loss
+        try:
+            others = [m for n, m in read_run_metrics(run_dir).items() if n != args.metrics_name and isinstance(m, dict)]
+        except FileNotFoundError:  # the first metrics file of this run directory
+            others = []
+        metrics["report"] += rpo_loss_table(others + [metrics])
     write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
     states.finish()
-    fmt = (lambda v: "-" if v is None else f"{v:.3f}")
-    print0("\n| metric | before | after | gain (paired SE) |\n|---|---|---|---|")
-    for k in sorted(k[len("after_"):] for k in metrics if k.startswith("after_") and not k.endswith("_se")):
-        b, a = metrics.get(f"before_{k}"), metrics.get(f"after_{k}")
-        se_b, se_a = metrics.get(f"before_{k}_se"), metrics.get(f"after_{k}_se")
-        g, gse = metrics.get(f"gain_{k}"), metrics.get(f"gain_{k}_se")
-        print0(f"| {k} | {fmt(b)}{f' ± {se_b:.3f}' if se_b is not None else ''} | {fmt(a)}"
-               f"{f' ± {se_a:.3f}' if se_a is not None else ''} | {f'{g:+.3f} ± {gse:.3f}' if g is not None else ''} |")
+    print0("\n" + "\n".join(metrics["report"]))
     print0(f"checkpoint: {args.out}; metrics: {os.path.join(run_dir, 'metrics', args.metrics_name + '.json')}")
 wandb_run.finish()
 compute_cleanup()

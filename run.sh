@@ -28,8 +28,8 @@ stage() {
 # README's stage table lists what each took. The serving scenario of the search: batch 8, prompt 128, generate 64 (a small batched chat
 # server; long enough that decode dominates, short enough that the LM head does not swamp the blocks).
 stage parent        "$R/parent/COMPLETED"          $PY -m common.parent --out "$R/parent"
-stage eval_parent   "$R/metrics/parent.json"       $PY -m common.evaluate --model "$R/parent" --parent "$R/parent" --stage parent --run-dir "$R"
 stage data          "$D/data_card.json"            $PY -m data_gen.build --out "$D" --tokenizer "$R/parent"
+stage eval_parent   "$R/metrics/parent.json"       $PY -m common.evaluate --model "$R/parent" --parent "$R/parent" --stage parent --run-dir "$R" --data "$D"
 # 01: block library (2 attention + 6 FFN trained variants per layer), BLD, replace-one-block scores
 stage bld           "$R/library/library.json"      $PY 01_bld.py --parent "$R/parent" --out "$R/library" \
                       --num-seqs 64 --lr 1e-3 --score-seqs 8 --score-seq-len 128
@@ -85,7 +85,7 @@ stage qad_nvfp4     "$R/qad_nvfp4/COMPLETED"       $PY 04_distill.py --student "
                       --metrics-name qad_nvfp4
 
 # the newest model of each line through the whole evaluation suite against the parent (text, toggle, IF, speed)
-stage eval_sft      "$R/metrics/sft_eval.json"     $PY -m common.evaluate --model "$R/sft" --parent "$R/parent" --stage sft_eval --run-dir "$R"
-stage eval_rpo      "$R/metrics/rpo_eval.json"     $PY -m common.evaluate --model "$R/rpo" --parent "$R/parent" --stage rpo_eval --run-dir "$R"
+stage eval_sft      "$R/metrics/sft_eval.json"     $PY -m common.evaluate --model "$R/sft" --parent "$R/parent" --stage sft_eval --run-dir "$R" --data "$D"
+stage eval_rpo      "$R/metrics/rpo_eval.json"     $PY -m common.evaluate --model "$R/rpo" --parent "$R/parent" --stage rpo_eval --run-dir "$R" --data "$D"
 
 $PY -m common.report --run-dir "$R"

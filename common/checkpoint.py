@@ -263,3 +263,18 @@ def write_metrics(run_dir: str, stage: str, metrics: dict, out: str | None = Non
         metrics = {**metrics, "_out": os.path.abspath(out)}
     write_json_atomic(path, metrics)
     return path
+
+
+def read_run_metrics(run_dir: str) -> dict:
+    """Every metrics/<name>.json of a run directory by name, in the order they were written (the files' times): the
+    run order. FileNotFoundError naming the fix when there is none."""
+    mdir = os.path.join(run_dir, "metrics")
+    if not os.path.isdir(mdir):
+        raise FileNotFoundError(f"{mdir} does not exist; run the stages first (bash run.sh)")
+    paths = sorted((os.path.join(mdir, f) for f in os.listdir(mdir) if f.endswith(".json")),
+                   key=lambda f: (os.path.getmtime(f), f))
+    out = {}
+    for f in paths:
+        with open(f) as fh:
+            out[os.path.basename(f)[:-5]] = json.load(fh)
+    return out

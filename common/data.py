@@ -154,6 +154,33 @@ def sft_records(path: str, split: str = "train") -> list[dict]:
     return [r for _, r in json_lines(f)]
 
 
+def record_problem(record: dict) -> dict:
+    """The problem a record asks, in the form the evaluations read (common.evaluate.generation_eval): question
+    (the user turns), answer, difficulty (when set), constraints as a list (when set), id, category."""
+    inp = record["input"]
+    question = inp if isinstance(inp, str) else "\n\n".join(m["content"] for m in inp if m.get("role") == "user")
+    p = {"id": record.get("id"), "category": record.get("category"), "question": question,
+         "answer": record.get("answer")}
+    if record.get("difficulty") is not None:
+        p["difficulty"] = record["difficulty"]
+    if record.get("constraints"):
+        c = record["constraints"]
+        p["constraints"] = json.loads(c) if isinstance(c, str) else c
+    return p
+
+
+def eval_sets(path: str) -> dict[str, list[dict]]:
+    """The evaluation sets of a data_gen.build directory (<path>/eval.jsonl) as problems, one per id (the on and
+    off records of a problem are one problem), in the file's order: {"math": [...], "chat": [...]}. build writes the
+    math problems round robin by level, so the first n of either list is an evaluation set of size n."""
+    out, seen = {"math": [], "chat": []}, set()
+    for r in sft_records(path, "eval"):
+        if r.get("category") in out and r.get("id") not in seen:
+            seen.add(r.get("id"))
+            out[r["category"]].append(record_problem(r))
+    return out
+
+
 def chat_documents(tokenizer, records: list[dict]) -> list[str]:
     """Each record's whole conversation as the chat template renders it (toggle system prompt, user turns, the
     assistant's output): documents for text_chunks, when a stage trains on all tokens of the SFT data."""

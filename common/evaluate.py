@@ -1,22 +1,28 @@
 """The embedded evaluation suite: every checkpoint measured the same way, with retention against the parent.
 
-    python -m common.evaluate --model runs/smol/parent --parent runs/smol/parent --stage parent --run-dir runs/smol
-    python -m common.evaluate --model runs/smol/sft --parent runs/smol/parent --stage sft --run-dir runs/smol
+    python -m common.evaluate --model runs/smol/parent --parent runs/smol/parent --stage parent --run-dir runs/smol \
+        --data data/smol
+    python -m common.evaluate --model runs/smol/sft --parent runs/smol/parent --stage sft --run-dir runs/smol \
+        --data data/smol
     python -m common.evaluate ... --quick                       # tiny sizes: smoke runs and tests
 
 Three suites (DESIGN.md "Evaluation: the embedded suite"), each a public function stages call directly:
   text   TextEval: held-out stdlib prose (common.text_corpus, disjoint from the distillation mix); LM loss,
          next-token accuracy, KL(parent || model) per token, top-1 agreement with the parent. The parent's
          full-vocab log-probs are computed once and cached, so scoring a variant costs one forward of it.
-  gen    generation_eval: held-out math (data_gen.math_problems.eval_problems) with "detailed thinking on" and
-         "off": accuracy, format compliance (think block when on, no think tags when off), response length;
-         plus instruction following (data_gen.instructions, verifiers in common.rewards), reasoning off.
+  gen    generation_eval: held-out math with "detailed thinking on" and "off": accuracy, format compliance (think
+         block when on, no think tags when off), response length; plus instruction following (verifiers in
+         common.rewards), reasoning off. The sets are data: the first --gen-problems math and --if-problems
+         instruction problems of DIR/eval.jsonl (--data DIR, written by python -m data_gen.build, math round robin
+         by level), or evaluate_checkpoint(gen_sets={"math": [...], "chat": [...]}).
   speed  speed_eval: prefill and decode tok/s at batch 1 and a full batch, peak memory; model and parent in
          the same run, interleaved, medians, reported as ratios model / parent.
 Writes runs/<name>/metrics/<stage>.json and prints a table.
 """
 
 import argparse
+import hashlib
+import json
 import os
 import statistics
 import sys
@@ -26,10 +32,12 @@ import torch
 
 from common.checkpoint import (CheckpointError, check_checkpoint, check_metrics_free, load_checkpoint, read_json,
                                write_metrics)
-from common.cli import off_or, positive_int
+from common.cli import die, off_or, positive_int
+from common.data import eval_sets
 from common.dist import autocast_ctx, progress, resolve_dtype, sync
 from common.gen_cache import GenCache, add_gen_cache_args, greedy_generate, open_gen_cache
 from common.stats import mean_se
+from common.tables import evaluation_tables
 from common.text_corpus import distill_documents
 
 # ----------------------------------------------------------------------------
@@ -350,12 +358,32 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def _gen_suite(model, tokenizer, s: dict, who: str = "model", cache: GenCache | None = None) -> dict:
-    from data_gen.instructions import generate_instructions
-    from data_gen.math_problems import eval_problems
+def first_problems(gen_sets: dict | None, s: dict) -> tuple[list[dict], list[dict]]:
+    """The gen suite's math and instruction problems: the first s["gen_problems"] of gen_sets["math"] and the first
+    s["if_problems"] of gen_sets["chat"]; ValueError naming the fix when the sets are missing or too small."""
+    if gen_sets is None:
+        raise ValueError("the gen suite needs the evaluation sets: pass gen_sets=common.data.eval_sets(DIR) (DIR "
+                         "written by python -m data_gen.build) or drop 'gen' from suites")
+    out = []
+    for kind, size, flag, build_flag in (("math", "gen_problems", "--gen-problems", "--eval-math"),
+                                         ("chat", "if_problems", "--if-problems", "--eval-instructions")):
+        have = gen_sets.get(kind) or []
+        if len(have) < s[size]:
+            raise ValueError(f"the gen suite asks for {s[size]} {kind} problems ({flag}) and the evaluation sets have "
+                             f"{len(have)}; ask for fewer or build more (python -m data_gen.build {build_flag} N)")
+        out.append(list(have[:s[size]]))
+    return out[0], out[1]
 
-    math = eval_problems(s["gen_problems"], seed=0)
-    chat = generate_instructions(s["if_problems"], seed=0, heldout=True)
+
+def problems_sha1(problems: list[dict]) -> str:
+    """The identity of an evaluation set: a hash of what each problem asks and expects, in order. Stored in the
+    settings, so a cached parent result (parent_gen) is reused only on the very same problems."""
+    rows = [[problem_text(p), p.get("answer"), p.get("constraints"), p.get("difficulty")] for p in problems]
+    return hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _gen_suite(model, tokenizer, s: dict, math: list[dict], chat: list[dict], who: str = "model",
+               cache: GenCache | None = None) -> dict:
     bs = s["gen_batch_size"]
     return {"gen_on": generation_eval(model, tokenizer, math, True, s["max_new_tokens_on"], bs,
                                       desc=f"{who}: math, thinking on", cache=cache),
@@ -371,14 +399,16 @@ def _strip_samples(gen: dict) -> dict:
 
 def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = None,
                         suites=("text", "gen", "speed"), quick: bool = False, parent_gen: dict | None = None,
-                        gen_cache: GenCache | None = None, **overrides) -> dict:
+                        gen_cache: GenCache | None = None, gen_sets: dict | None = None, **overrides) -> dict:
     """All suites on `model`, with the parent's numbers and retention = model / parent.
 
+    `gen_sets` ({"math": [problems], "chat": [problems]}, e.g. common.data.eval_sets of a data_gen.build directory;
+    required by the gen suite): it evaluates the first gen_problems / if_problems of each.
     `model is parent` evaluates once (KL 0, agreement 1, retention 1; speed measured once). `parent_gen` (the
-    "parent_gen" entry of an earlier metrics JSON with the same settings) spares re-running the parent's
-    generation. `gen_cache` (common.gen_cache) reuses greedy answers any stage already decoded for the same
-    weights, prompts and budgets, for the model and the parent. `overrides` change any size in FULL / QUICK
-    (e.g. gen_problems=50).
+    "parent_gen" entry of an earlier metrics JSON with the same settings, the sets' identity gen_sets_sha1 included)
+    spares re-running the parent's generation. `gen_cache` (common.gen_cache) reuses greedy answers any stage
+    already decoded for the same weights, prompts and budgets, for the model and the parent. `overrides` change
+    any size in FULL / QUICK (e.g. gen_problems=50).
     """
     unknown = set(suites) - {"text", "gen", "speed"}
     if unknown:
@@ -387,6 +417,9 @@ def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = N
     same = model is parent
     out = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": _device(model).type,
            "quick": quick, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}}
+    if "gen" in suites:  # checked before the first suite runs
+        math, chat = first_problems(gen_sets, s)
+        out["settings"]["gen_sets_sha1"] = problems_sha1(math + chat)
     timing, retention = {}, {}
     if "text" in suites:
         t = time.perf_counter()
@@ -401,13 +434,13 @@ def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = N
         timing["text_s"] = time.perf_counter() - t
     if "gen" in suites:
         t = time.perf_counter()
-        gen = _gen_suite(model, tokenizer, s, cache=gen_cache)
+        gen = _gen_suite(model, tokenizer, s, math, chat, cache=gen_cache)
         out |= _strip_samples(gen)
         out["samples"] = {k: v["samples"] for k, v in gen.items()}
         if same:
             parent_gen = _strip_samples(gen)
         elif parent_gen is None or (parent_gen.get("settings"), parent_gen.get("dtype")) != (out["settings"], out["dtype"]):
-            parent_gen = _strip_samples(_gen_suite(parent, tokenizer, s, who="parent", cache=gen_cache))
+            parent_gen = _strip_samples(_gen_suite(parent, tokenizer, s, math, chat, who="parent", cache=gen_cache))
         parent_gen = {**{k: v for k, v in parent_gen.items() if k not in ("settings", "dtype")},
                       "settings": out["settings"], "dtype": out["dtype"]}
         out["parent_gen"] = parent_gen
@@ -427,26 +460,6 @@ def evaluate_checkpoint(model, parent, tokenizer, text_eval: TextEval | None = N
     return out
 
 
-def print_table(metrics: dict) -> None:
-    rows = []
-    if "text" in metrics:
-        t = metrics["text"]
-        rows += [("text lm_loss", t["lm_loss"], t["parent_lm_loss"]),
-                 ("text next_token_acc", t["next_token_acc"], t["parent_next_token_acc"]),
-                 ("text kl_parent", t["kl_parent"], 0.0), ("text top1_agreement", t["top1_agreement"], 1.0)]
-    for k in ("gen_on", "gen_off", "gen_if"):
-        if k in metrics:
-            p = metrics["parent_gen"][k]
-            rows += [(f"{k} {m}", metrics[k][m], p[m]) for m in ("accuracy", "format_compliance", "mean_response_tokens")]
-    if "speed" in metrics:
-        sp = metrics["speed"]
-        rows += [(f"speed {m}", sp["model"][m], sp["parent"][m]) for m in sp["model"]]
-    print(f"{'metric':<34}{'model':>12}{'parent':>12}{'ratio':>9}")
-    for name, a, b in rows:
-        r = _ratio(a, b)
-        print(f"{name:<34}{a:>12.4f}{b:>12.4f}{'' if r is None else f'{r:>9.3f}'}")
-
-
 # ----------------------------------------------------------------------------
 # CLI
 
@@ -458,6 +471,10 @@ def main(argv=None):
     p.add_argument("--stage", required=True, help="name of metrics/<stage>.json")
     p.add_argument("--run-dir", required=True, help="runs/<name>: the metrics go to <run-dir>/metrics/")
     p.add_argument("--suites", default="text,gen,speed")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="a directory written by python -m data_gen.build: the gen suite evaluates the first "
+                   "--gen-problems math and --if-problems instruction problems of DIR/eval.jsonl (math round robin by "
+                   "level, so balanced); required by the gen suite")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke runs, tests)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 on CUDA and bf16-capable CPUs, float32 otherwise")
@@ -469,12 +486,20 @@ def main(argv=None):
             p.add_argument("--" + k.replace("_", "-"), type=off_or(positive_int), default=-1,
                            help=f"default {v} (quick {QUICK[k]})")
     args = p.parse_args(argv)
-    unknown = set(args.suites.split(",")) - {"text", "gen", "speed"}
+    suites = tuple(args.suites.split(","))
+    unknown = set(suites) - {"text", "gen", "speed"}
     if unknown:
         p.error(f"argument --suites: unknown suite(s) {sorted(unknown)}; choose from text,gen,speed")
+    if "gen" in suites and args.data is None:
+        die("--data: the gen suite needs the evaluation sets; give a directory written by python -m data_gen.build")
     for path in (args.model, args.parent):  # everything is checked before the (long) evaluation starts
         check_checkpoint(path)
     check_metrics_free(args.run_dir, args.stage, args.model)
+    overrides = {k: getattr(args, k) for k in FULL if not isinstance(FULL[k], tuple) and getattr(args, k) >= 0}
+    gen_sets = None
+    if "gen" in suites:
+        gen_sets = eval_sets(args.data)
+        first_problems(gen_sets, {**(QUICK if args.quick else FULL), **overrides})  # enough of each, or a ValueError
     gen_cache = open_gen_cache(args.run_dir, args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -487,17 +512,17 @@ def main(argv=None):
     same = os.path.realpath(args.model) == os.path.realpath(args.parent)
     parent, tokenizer = load_checkpoint(args.parent, dtype=dtype, device=device)
     model = parent if same else load_checkpoint(args.model, dtype=dtype, device=device, with_tokenizer=False)[0]
-    overrides = {k: getattr(args, k) for k in FULL if not isinstance(FULL[k], tuple) and getattr(args, k) >= 0}
     parent_gen = None
     cached = os.path.join(args.run_dir, "metrics", "parent.json")
     if not same and os.path.exists(cached):  # the parent's generation numbers from its own evaluation
         parent_gen = read_json(cached).get("parent_gen")
-    metrics = evaluate_checkpoint(model, parent, tokenizer, suites=tuple(args.suites.split(",")), quick=args.quick,
-                                  parent_gen=parent_gen, gen_cache=gen_cache, **overrides)
+    metrics = evaluate_checkpoint(model, parent, tokenizer, suites=suites, quick=args.quick, parent_gen=parent_gen,
+                                  gen_cache=gen_cache, gen_sets=gen_sets, **overrides)
     metrics = {"stage": args.stage, "model": args.model, "parent": args.parent, **metrics,
                "wall_s": time.perf_counter() - t0}
+    metrics["report"] = evaluation_tables(metrics, args.stage)
     path = write_metrics(args.run_dir, args.stage, metrics, out=args.model)
-    print_table(metrics)
+    print("\n".join(metrics["report"]))
     print(f"{args.stage}: {metrics['dtype']} on {metrics['device']}, {metrics['wall_s']:.0f}s; metrics: {path}")
 
 

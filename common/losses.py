@@ -2,8 +2,9 @@
 
 BLD (Puzzle): normalized MSE between a child subblock's output and the parent subblock's output.
 Global KD (Puzzle's ablation: cosine on hidden states + KL on logits was best): forward KL with
-temperature, reverse KL, cosine on hidden states, LM loss. All reduce to a mean over the tokens a mask
-keeps (mask: bool (B, T), True = counts), so padded or prompt tokens never count.
+temperature, reverse KL, cosine on hidden states, LM loss, and kd_loss, their weighted sum (04_distill.py's
+objective). All reduce to a mean over the tokens a mask keeps (mask: bool (B, T), True = counts), so padded or
+prompt tokens never count.
 """
 
 import torch
@@ -52,6 +53,27 @@ def cosine_hidden(student_hidden, teacher_hidden, mask=None) -> torch.Tensor:
 def lm_loss(logits, labels, ignore_index: int = -100) -> torch.Tensor:
     """Next-token cross entropy; labels are the input ids (shifted here), ignore_index skipped."""
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=ignore_index)
+
+
+KD_LOSSES = ("fkl", "rkl", "cosine", "lm")
+
+
+def kd_loss(s_out, t_out, losses: dict, ids, temperature=1.0, layer_pairs=None) -> tuple[torch.Tensor, dict]:
+    """Weighted sum of the selected KD_LOSSES (losses: name -> weight) between the student's and the teacher's
+    outputs; layer_pairs = [(student_idx, teacher_idx)] into hidden_states. Returns (total, {name: value})."""
+    parts = {}
+    if "fkl" in losses:
+        parts["fkl"] = forward_kl(s_out.logits, t_out.logits, temperature)
+    if "rkl" in losses:
+        parts["rkl"] = reverse_kl(s_out.logits, t_out.logits, temperature)
+    if "cosine" in losses:
+        pairs = layer_pairs or [(-1, -1)]
+        parts["cosine"] = cosine_hidden([s_out.hidden_states[a] for a, _ in pairs],
+                                        [t_out.hidden_states[b] for _, b in pairs])
+    if "lm" in losses:
+        parts["lm"] = lm_loss(s_out.logits, ids)
+    total = sum(losses[k] * v for k, v in parts.items())
+    return total, {k: v.item() for k, v in parts.items()}
 
 
 # ----------------------------------------------------------------------------

@@ -552,6 +552,17 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def load_all_weights(self, sd: dict, source: str) -> None:
+        """Load a state dict that must hold every weight of this model (a tied LM head is the embedding's); a
+        ValueError naming the first missing and unexpected names otherwise."""
+        tied = self.config.tie_word_embeddings
+        missing, unexpected = self.load_state_dict({k: v for k, v in sd.items() if not (tied and k == "lm_head.weight")},
+                                                   strict=False)
+        missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"{source}: weight names differ from the model's: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}")
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
                 output_hidden_states=None, return_logits=True, loss_weights=None, **kwargs):

@@ -49,12 +49,7 @@ def llama_to_decilm(llama: LlamaForCausalLM) -> DeciLMForCausalLM:
     config = decilm_config_from_llama(llama.config)
     model = DeciLMForCausalLM(config).to(llama.dtype)
     sd = {k: v for k, v in llama.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"weight names differ from Llama's: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_all_weights(sd, "the Llama parent")
     model.generation_config = llama.generation_config
     return model.eval()
 

@@ -10,8 +10,11 @@ asks with names and wording removed (math_problems.semantic_key, science_mcq.sci
 instructions.instruction_key; see SEMANTIC_KEYS).
 
   eval.jsonl        math_problems.eval_problems + held-out instruction prompts: keys in the reserved eval bucket
-                    (records.in_eval_bucket of the key), as are the stages' own evaluation sets (05, 06, 07,
-                    common.evaluate: any size, any seed)
+                    (records.in_eval_bucket of the key), as are the stages' own evaluation sets (05, 06, 07: any
+                    size, any seed). Ordered, not shuffled: the math problems round robin over the levels (1, 2, 3,
+                    4, 5, 1, 2, ...), so any prefix is balanced across levels, then the instruction prompts as drawn
+                    (a prefix is generate_instructions(n, seed, heldout=True)); a problem's on and off records are
+                    adjacent. common.evaluate --data DIR takes its gen suite's sets as such prefixes
   train/validation/test, rl_math.jsonl
                     keys outside that bucket, so no renamed or reworded copy of any evaluation problem; checked here
                     against eval.jsonl and every evaluation set the stages draw (preferences.heldout_prompts), and a
@@ -123,6 +126,16 @@ def split_by_meaning(problems: list[dict], val_frac: float, test_frac: float, se
     return out
 
 
+def round_robin_by_level(problems: list[dict]) -> list[dict]:
+    """Math problems reordered one level at a time in turn (the first of each level, then the second of each,
+    ...), each level keeping its order: any prefix holds the levels in equal shares (up to one)."""
+    by_level = defaultdict(list)
+    for p in problems:
+        by_level[p["difficulty"]].append(p)
+    rows = [by_level[lv] for lv in sorted(by_level)]
+    return [row[k] for k in range(max(map(len, rows), default=0)) for row in rows if k < len(row)]
+
+
 def to_records(problems: list[dict], chat_on_frac: float, rng: random.Random) -> list[dict]:
     recs = []
     for p in problems:
@@ -183,8 +196,8 @@ def main(argv=None):
         check_checkpoint(args.teacher)
 
     # held-out sets first: eval.jsonl, and every evaluation set the stages draw (seeds 0 and 1234, their sizes)
-    evalset = eval_problems(args.eval_math, args.seed) + generate_instructions(args.eval_instructions, args.seed,
-                                                                               heldout=True)
+    evalset = round_robin_by_level(eval_problems(args.eval_math, args.seed)) + generate_instructions(
+        args.eval_instructions, args.seed, heldout=True)
     heldout = evalset + heldout_prompts(max(500, args.eval_instructions), math_sizes=(args.eval_math,))
     banned = {meaning_key(p) for p in heldout}
 
@@ -220,7 +233,8 @@ def main(argv=None):
     assert not any(keys[s] & banned for s in SPLITS + ("rl_math",))
 
     for s, recs in splits.items():
-        random.Random(f"{args.seed}:{s}").shuffle(recs)
+        if s != "eval":  # eval.jsonl keeps its order: prefixes are the evaluation sets (docstring)
+            random.Random(f"{args.seed}:{s}").shuffle(recs)
         path = os.path.join(args.out, f"{s}.jsonl")
         write_jsonl(path, recs, overwrite=args.overwrite)
         if args.parquet:

@@ -125,7 +125,8 @@ def heldout_prompts(n_instructions: int = 500, math_sizes=()) -> list[dict]:
     eval bucket, so they share no meaning with any evaluation set of any size anyway). Instruction sets are
     prefixes of one sequence (generate_instructions(n, 0, heldout=True)), so the first n_instructions cover every
     smaller set; math sets of different sizes are not (eval_problems draws level by level), so the sizes the
-    stages use are listed (05: seed 1234; 06, 07, common.evaluate, build.py: seed 0) plus `math_sizes` (seed 0)."""
+    stages use are listed (05: seed 1234; 06, 07 and build.py's eval.jsonl, whose prefixes common.evaluate reads: seed 0)
+    plus `math_sizes` (seed 0)."""
     sizes = {(n, 0) for n in (20, 30, 50, 100, 200, *math_sizes)} | {(n, 1234) for n in (32, 50, 64, 100)}
     return generate_instructions(n_instructions, 0, heldout=True) + [q for n, s in sorted(sizes) for q in eval_problems(n, s)]
 

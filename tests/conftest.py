@@ -100,3 +100,16 @@ def tiny_tokenizer():
 @pytest.fixture
 def tokenizer():
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def eval_data(tmp_path_factory) -> str:
+    """A small data_gen.build directory (seconds): eval.jsonl has 23 math problems (5, 5, 5, 4, 4 of levels 1-5,
+    round robin by level) and 6 instruction prompts, each as an on and an off record; what common.evaluate --data
+    reads."""
+    from data_gen import build
+
+    out = str(tmp_path_factory.mktemp("data") / "d")
+    build.main(["--out", out, "--math", "10", "--science", "0", "--instructions", "10", "--eval-math", "23",
+                "--eval-instructions", "6", "--rl-math", "0"])
+    return out

@@ -3,7 +3,6 @@ block, every (attention, FFN) pair is scored by replacing its whole layer (not b
 scoring text spans many documents, two gloo ranks build the same library as one, --resume continues where a crash
 stopped; window variants start as the parent's attention and are trained and scored like the others."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,16 +10,15 @@ import sys
 
 import pytest
 import torch
+from _stage import run_stage
 from conftest import F32_EPS, ROOT, f32_atol, near_ties, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
+import common.bld
 from common.checkpoint import save_checkpoint
+from common.data import bld_documents
 from common.model import parent_block
 from common.puzzle import pair_key, variant_key
-
-spec = importlib.util.spec_from_file_location("bld", os.path.join(ROOT, "01_bld.py"))
-bld = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bld)
 
 
 def make_parent(root) -> str:
@@ -51,7 +49,7 @@ def build_library(root, name="library", **over) -> str:
     make_parent(root)
     out = os.path.join(root, name)
     if not os.path.exists(out):
-        bld.main(bld_argv(root, out, **over))
+        run_stage("01_bld.py", bld_argv(root, out, **over))
     return out
 
 
@@ -76,6 +74,8 @@ def test_bld_lowers_every_trained_variants_loss(lib):
         assert len(e["loss_curve"]) == library["bld"]["steps"] == 32  # 64 seqs / batch 4 x 2 epochs
     assert library["bld"]["parent_forwards_per_batch"] == 1
     assert os.path.exists(os.path.join(out, "variants", "init", trained[0]["key"] + ".safetensors"))
+    report = "\n".join(read(os.path.join(os.path.dirname(out), "metrics", "bld.json"))["report"])
+    assert "## 01 Block library (BLD)" in report and "| attention:no_op | 4 |" in report  # a row per variant
 
 
 def test_no_op_scores_worse_than_parent_block(lib):
@@ -105,7 +105,7 @@ def test_every_block_is_scored_by_replacing_its_whole_layer(lib):
     assert len(pairs) == 4 * len(names["attention"]) * len(names["ffn"])
     assert pairs[pair_key(0, "kv2", "w512")]["kl"] == 0.0
     parent, tok = load_checkpoint(os.path.join(root, "parent"))
-    held = spread_chunks(tok, bld.load_documents(os.path.join(root, "text.txt"), "score"), 32, 2)
+    held = spread_chunks(tok, bld_documents(os.path.join(root, "text.txt"), "score"), 32, 2)
     with torch.no_grad():
         plogp = F.log_softmax(parent(held).logits.float(), -1)
         set_subblock(parent, 1, "attention", AttentionConfig(no_op=True), None)
@@ -133,7 +133,7 @@ def test_scores_in_a_childs_context_are_direct_kls_to_the_parent(lib):
     library, _ = load_library(out)
     entries = {(e["layer"], e["subblock"], e["name"]): e for e in library["variants"]}
     parent, tok = load_checkpoint(os.path.join(root, "parent"))
-    held = spread_chunks(tok, bld.load_documents(os.path.join(root, "text.txt"), "score"), 32, 2)
+    held = spread_chunks(tok, bld_documents(os.path.join(root, "text.txt"), "score"), 32, 2)
     own = {(l, s): ("kv2" if s == "attention" else "w512") for l in range(4) for s in ("attention", "ffn")}
     choice = {**own, (0, "attention"): "no_op", (2, "ffn"): "w256", (3, "attention"): "linear"}
     states = {e["key"]: load_variant_state(out, e, parent) for e in entries.values()}
@@ -193,7 +193,7 @@ def test_scoring_chunks_spread_over_documents():
 def test_refuses_to_overwrite_finished_library(lib):
     root, out = lib
     with pytest.raises(SystemExit) as e:
-        bld.main(bld_argv(root, out))
+        run_stage("01_bld.py", bld_argv(root, out))
     assert e.value.code != 0
 
 
@@ -228,7 +228,7 @@ def test_bld_two_gloo_ranks_match_one_rank(lib):
 def test_resume_continues_where_it_stopped(lib, monkeypatch):
     root, out = lib
     out2 = os.path.join(root, "library_resumed")
-    real_step, calls = bld.bld_step, {"n": 0}
+    real_step, calls = common.bld.bld_step, {"n": 0}
 
     def crashing_step(*a, train=True, **kw):
         if train:
@@ -237,12 +237,12 @@ def test_resume_continues_where_it_stopped(lib, monkeypatch):
                 raise RuntimeError("simulated crash")
         return real_step(*a, train=train, **kw)
 
-    monkeypatch.setattr(bld, "bld_step", crashing_step)
+    monkeypatch.setattr(common.bld, "bld_step", crashing_step)  # 01_bld.py imports it when it runs
     with pytest.raises(RuntimeError, match="simulated crash"):
-        bld.main(bld_argv(root, out2, **{"--save-every": 3, "--metrics-name": "bld_resumed"}))
+        run_stage("01_bld.py", bld_argv(root, out2, **{"--save-every": 3, "--metrics-name": "bld_resumed"}))
     assert not os.path.exists(out2) and os.path.isdir(out2 + ".state")
-    monkeypatch.setattr(bld, "bld_step", real_step)
-    bld.main(bld_argv(root, out2, **{"--save-every": 3, "--metrics-name": "bld_resumed"}) + ["--resume"])
+    monkeypatch.setattr(common.bld, "bld_step", real_step)
+    run_stage("01_bld.py", bld_argv(root, out2, **{"--save-every": 3, "--metrics-name": "bld_resumed"}) + ["--resume"])
     assert not os.path.exists(out2 + ".state")
     same_library(out, out2)
 

@@ -2,23 +2,20 @@
 differences and is never clipped, the cache is never reused for another parent, and 02_mip_select.py checks its
 cost model (parent + random children) and repeats the main child's measurement."""
 
-import importlib.util
 import json
 import os
 import statistics
 
 import pytest
 import torch
-from conftest import ROOT, tiny_config, tiny_model
+from _stage import run_stage
+from conftest import tiny_config, tiny_model
 from test_bld import build_library
 
 from common import costs
 from common.model import num_params, parent_block
 from common.puzzle import SUBBLOCKS, attention_variants, ffn_variants
 
-spec = importlib.util.spec_from_file_location("mip", os.path.join(ROOT, "02_mip_select.py"))
-mip = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mip)
 
 
 def search_space(config):
@@ -126,7 +123,7 @@ def test_search_json_holds_the_cost_check_and_the_repeat(lib, capsys, monkeypatc
             "--cost-repeats", "2", "--cost-decode-steps", "1", "--speed-repeats", "2", "--speed-decode-steps", "1",
             "--cost-check", "2", "--eval-seqs", "2", "--eval-seq-len", "16", "--threads", "1", "--dtype",
             "float32", "--max-params", "0.8", "--no-baselines", "--wandb-mode", "disabled"]
-    mip.main(argv + ["--out", os.path.join(root, "child")])
+    run_stage("02_mip_select.py", argv + ["--out", os.path.join(root, "child")])
     with open(os.path.join(root, "child", "search.json")) as f:
         search = json.load(f)
     check = search["cost_check"]
@@ -149,6 +146,7 @@ def test_search_json_holds_the_cost_check_and_the_repeat(lib, capsys, monkeypatc
     assert search["costs_key"]["method"] == costs.COST_METHOD and len(search["costs_key"]["fingerprint"]) == 12
     assert "measuring block runtimes" in capsys.readouterr().out
     # a second child of the same parent on the same device and scenario reuses the measured costs
-    mip.main(argv + ["--out", os.path.join(root, "child_b"), "--metrics-name", "mip_b", "--cost-check", "0"])
+    run_stage("02_mip_select.py", argv + ["--out", os.path.join(root, "child_b"), "--metrics-name", "mip_b",
+                                       "--cost-check", "0"])
     assert f"runtime costs from cache {search['costs_cache']}" in capsys.readouterr().out
     assert os.listdir(os.path.join(root, "costs")) == [os.path.basename(search["costs_cache"])]

@@ -1,5 +1,7 @@
 """common/data.py (chat template, loss mask, packing) and common/rewards.py (accuracy, format, IF verifiers)."""
 
+import ast
+import os
 import threading
 
 import pytest
@@ -208,3 +210,36 @@ def test_first_answer_token_weights_mark_each_examples_decision_token():
     ce = F.cross_entropy(logits[keep], tgt[keep], reduction="none")
     ww = w[0, 1:][keep]
     assert out.loss.item() == pytest.approx(((ww * ce).sum() / ww.sum()).item(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# common/ and data_gen: data flows one way
+
+def test_common_imports_no_data_gen():
+    """data_gen builds on common (records, the chat template, rewards); common reads data_gen's output as data
+    (eval_sets, sft_records), never its code: no import of data_gen anywhere in common/, at the top or in a function."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common")
+    found = []
+    for dirpath, _, files in os.walk(root):
+        for f in sorted(files):
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, f)
+            for node in ast.walk(ast.parse(open(path).read(), path)):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{os.path.relpath(path, root)}:{node.lineno} {n}" for n in names
+                          if n == "data_gen" or n.startswith("data_gen.")]
+    assert found == []
+
+
+def test_record_problem_is_the_problem_an_evaluation_reads():
+    from common.data import record_problem
+
+    math = record_problem(_record())
+    assert math == {"id": "math-x", "category": "math", "question": "What is 2 + 2?", "answer": "4", "difficulty": 1}
+    chat = record_problem(make_record("chat-y", "Say hi.", "hi", False, "chat",
+                                      constraints=[{"type": "lowercase"}]))
+    assert chat["question"] == "Say hi." and chat["constraints"] == [{"type": "lowercase"}]
+    assert "difficulty" not in chat and chat["answer"] is None
+    assert instruction_following_score("hi", chat["constraints"]) == 1.0

@@ -212,6 +212,24 @@ def test_build_splits_by_problem_id_and_excludes_the_eval_set(tmp_path, capsys):
         build.main(["--out", out])
 
 
+def test_eval_jsonl_orders_math_round_robin_by_level_so_every_prefix_is_balanced(eval_data):
+    """eval.jsonl (23 math problems: 5, 5, 5, 4, 4 per level) lists math one level at a time in turn, each
+    problem's on and off records adjacent, then the instruction prompts in the order drawn."""
+    recs = read_jsonl(f"{eval_data}/eval.jsonl")
+    math = [r for r in recs if r["category"] == "math"]
+    assert [r["id"] for r in math[0::2]] == [r["id"] for r in math[1::2]]  # on, off of one problem
+    assert [r["reasoning"] for r in math[:2]] == ["on", "off"]
+    assert [r["difficulty"] for r in math[0::2]] == [1, 2, 3, 4, 5] * 4 + [1, 2, 3]
+    # the same problems as before, only reordered: each level keeps the order eval_problems drew it in
+    drawn = eval_problems(23, 0)
+    for lv in range(1, 6):
+        assert [r["input"][0]["content"] for r in math[0::2] if r["difficulty"] == lv] == \
+            [p["question"] for p in drawn if p["difficulty"] == lv]
+    chat = [r for r in recs if r["category"] == "chat"][0::2]
+    assert [r["input"][0]["content"] for r in chat] == [p["question"] for p in generate_instructions(6, 0, True)]
+    assert [r["category"] for r in recs] == ["math"] * 46 + ["chat"] * 12
+
+
 # ----------------------------------------------------------------------------
 # held out by meaning: the semantic key
 
@@ -286,7 +304,8 @@ def test_near_duplicates_fall_on_one_side_of_every_split():
 
 
 def test_no_training_set_shares_a_key_with_any_evaluation_set():
-    """Any size and seed: the stages' sets (05: seed 1234; 06, 07, common.evaluate: seed 0) and any other."""
+    """Any size and seed: the stages' sets (05: seed 1234; 06, 07: seed 0; eval.jsonl, whose prefixes
+    common.evaluate reads) and any other."""
     evals = [q for n, s in ((4, 0), (30, 0), (100, 0), (200, 0), (8, 1234), (32, 1234), (64, 1234), (37, 7))
              for q in eval_problems(n, s)]
     train = generate_math(3000, seed=0) + generate_math(1000, seed=5) + rl_problems(512, seed=0)

@@ -1,6 +1,5 @@
 """04_distill.py: KD losses, training steps, two-process DDP, resume, NaN handling, bad input."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,14 +7,12 @@ import sys
 
 import pytest
 import torch
+from _stage import run_stage
 from conftest import ROOT, tiny_model, tiny_tokenizer
 
 from common.checkpoint import is_complete, load_checkpoint, read_json, save_checkpoint
+from common.losses import kd_loss
 from common.model import DeciLMForCausalLM
-
-spec = importlib.util.spec_from_file_location("distill", os.path.join(ROOT, "04_distill.py"))
-distill = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(distill)
 
 
 def hand_made_child(parent, no_attention):
@@ -53,6 +50,12 @@ def argv(d, out, *extra):
             "--wandb-mode", "disabled", "--threads", "1", *extra]
 
 
+def distill(d, out, *extra) -> dict:
+    """`python 04_distill.py` with argv(d, out, *extra), in this process: the script's globals (`history` is the
+    loss curve of a KD run)."""
+    return run_stage("04_distill.py", argv(d, out, *extra))
+
+
 def test_each_kd_loss_is_zero_for_identical_teacher_and_student():
     m = tiny_model(num_layers=3)
     ids = torch.randint(3, 512, (2, 12))
@@ -60,21 +63,21 @@ def test_each_kd_loss_is_zero_for_identical_teacher_and_student():
         out = m(ids, output_hidden_states=True)
         for name in ("fkl", "rkl", "cosine"):
             for pairs in (None, [(1, 1), (2, 2), (3, 3)]):
-                loss, _ = distill.kd_loss(out, out, {name: 1.0}, ids, temperature=2.0, layer_pairs=pairs)
+                loss, _ = kd_loss(out, out, {name: 1.0}, ids, temperature=2.0, layer_pairs=pairs)
                 assert abs(loss.item()) < 1e-5, name
 
 
 @pytest.mark.parametrize("loss", ["fkl", "rkl", "cosine", "lm", "cosine,fkl"])
 def test_each_kd_loss_decreases_in_a_few_steps(ckpts, loss):
-    hist = distill.main(argv(ckpts, f"dec-{loss}", "--loss", loss, "--max-steps", "8", "--lr", "1e-3",
-                             "--warmup-frac", "0", "--save-every", "-1", "--metrics-name", f"dec-{loss}"))
+    hist = distill(ckpts, f"dec-{loss}", "--loss", loss, "--max-steps", "8", "--lr", "1e-3",
+                   "--warmup-frac", "0", "--save-every", "-1", "--metrics-name", f"dec-{loss}")["history"]
     assert len(hist) == 8 and hist[-1]["loss"] < 0.97 * hist[0]["loss"], [h["loss"] for h in hist]
     assert all(k in hist[0] for k in loss.split(","))
 
 
 def test_distilled_checkpoint_records_parent_and_metrics(ckpts):
-    distill.main(argv(ckpts, "full", "--max-steps", "2", "--eval-tokens", "64", "--cpt-tokens", "128",
-                      "--metrics-name", "full"))
+    distill(ckpts, "full", "--max-steps", "2", "--eval-tokens", "64", "--cpt-tokens", "128",
+            "--metrics-name", "full")
     meta = read_json(str(ckpts / "full" / "meta.json"))
     assert meta["parent"] == str(ckpts / "parent") and meta["layer_map"] == [0, 1, 2, 3]
     m = read_json(str(ckpts / "metrics" / "full.json"))
@@ -83,12 +86,12 @@ def test_distilled_checkpoint_records_parent_and_metrics(ckpts):
     model, _ = load_checkpoint(str(ckpts / "full"))
     assert model.config.num_hidden_layers == 4
     with pytest.raises(SystemExit, match="already a finished checkpoint"):
-        distill.main(argv(ckpts, "full", "--max-steps", "2"))
+        distill(ckpts, "full", "--max-steps", "2")
 
 
 def test_loss_ablation_rows_carry_se_and_paired_gaps_to_the_lowest_kl_row(ckpts, capsys):
-    distill.main(argv(ckpts, "abl", "--loss-ablation", "lm;fkl", "--max-steps", "2", "--lr", "1e-3",
-                      "--eval-tokens", "128", "--metrics-name", "abl"))
+    distill(ckpts, "abl", "--loss-ablation", "lm;fkl", "--max-steps", "2", "--lr", "1e-3",
+            "--eval-tokens", "128", "--metrics-name", "abl")
     m = read_json(str(ckpts / "metrics" / "abl.json"))
     table = m["table"]
     assert [r["loss"] for r in table] == ["none (no uptraining)", "lm", "fkl"]
@@ -106,12 +109,12 @@ def test_loss_ablation_rows_carry_se_and_paired_gaps_to_the_lowest_kl_row(ckpts,
 
 def test_resume_reproduces_the_uninterrupted_loss_curve_and_nan_keeps_last_good_state(ckpts):
     common = ["--max-steps", "6", "--save-every", "2", "--lr", "1e-3"]
-    ref = distill.main(argv(ckpts, "ref", *common, "--metrics-name", "ref"))
+    ref = distill(ckpts, "ref", *common, "--metrics-name", "ref")["history"]
     # a NaN at step 3 stops the run without writing the checkpoint; states after steps 2 survive
     with pytest.raises(SystemExit, match="loss is nan at kd step 3 .last good state: .*step-000002.*--resume"):
-        distill.main(argv(ckpts, "int", *common, "--debug-nan-step", "3", "--metrics-name", "int"))
+        distill(ckpts, "int", *common, "--debug-nan-step", "3", "--metrics-name", "int")
     assert not os.path.exists(ckpts / "int") and is_complete(str(ckpts / "int.state" / "step-000002"))
-    resumed = distill.main(argv(ckpts, "int", *common, "--resume", "--metrics-name", "int"))
+    resumed = distill(ckpts, "int", *common, "--resume", "--metrics-name", "int")["history"]
     assert [h["step"] for h in resumed] == list(range(6))
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in ref], rel=1e-5)
     a, _ = load_checkpoint(str(ckpts / "ref"), with_tokenizer=False)
@@ -122,15 +125,15 @@ def test_resume_reproduces_the_uninterrupted_loss_curve_and_nan_keeps_last_good_
 def test_reset_optimizer_resumes_with_fresh_moments(ckpts):
     common = ["--max-steps", "4", "--save-every", "2", "--lr", "1e-3"]
     with pytest.raises(SystemExit):
-        distill.main(argv(ckpts, "rst", *common, "--debug-nan-step", "2", "--metrics-name", "rst"))
-    hist = distill.main(argv(ckpts, "rst", *common, "--resume", "--reset-optimizer", "--metrics-name", "rst"))
+        distill(ckpts, "rst", *common, "--debug-nan-step", "2", "--metrics-name", "rst")
+    hist = distill(ckpts, "rst", *common, "--resume", "--reset-optimizer", "--metrics-name", "rst")["history"]
     assert len(hist) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
 
 
 @pytest.fixture(scope="module")
 def one_process(ckpts):
-    return distill.main(argv(ckpts, "one", "--max-steps", "3", "--lr", "1e-3", "--save-every", "-1",
-                             "--metrics-name", "one"))
+    return distill(ckpts, "one", "--max-steps", "3", "--lr", "1e-3", "--save-every", "-1",
+                   "--metrics-name", "one")["history"]
 
 
 @pytest.mark.slow
@@ -154,8 +157,8 @@ def test_two_process_gloo_matches_one_process_with_doubled_accumulation(ckpts, o
 
 def test_bad_input_exits_with_one_line(ckpts, tmp_path):
     with pytest.raises(SystemExit, match="error: .*does not exist"):
-        distill.main(argv(ckpts, "bad", "--student", str(tmp_path / "nope")))
+        distill(ckpts, "bad", "--student", str(tmp_path / "nope"))
     with pytest.raises(SystemExit, match="unknown loss 'mse'"):
-        distill.main(argv(ckpts, "bad", "--loss", "mse"))
+        distill(ckpts, "bad", "--loss", "mse")
     with pytest.raises(SystemExit, match="no finished state"):
-        distill.main(argv(ckpts, "bad", "--resume"))
+        distill(ckpts, "bad", "--resume")

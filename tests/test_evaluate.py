@@ -3,6 +3,7 @@
 import copy
 import json
 import statistics
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from common.checkpoint import save_checkpoint
+from common.data import eval_sets
 from common.evaluate import TEXT_METRICS, TextEval, evaluate_checkpoint, generation_eval, main, speed_eval
 from common.stats import gap_label, paired_diff, paired_gaps, ratio_se
 from common.generate import decode, generate, left_pad
@@ -224,20 +226,86 @@ def test_generation_eval_scores_accuracy_and_format():
     assert len(m["samples"]) == 2 and "instruction_score" in m
 
 
-def test_evaluate_checkpoint_parent_against_itself_is_all_ones():
+def test_evaluate_checkpoint_parent_against_itself_is_all_ones(eval_data):
     model, tok = tiny_model(), tiny_tokenizer()
-    m = evaluate_checkpoint(model, model, tok, quick=True)
+    m = evaluate_checkpoint(model, model, tok, quick=True, gen_sets=eval_sets(eval_data))
     assert m["text"]["kl_parent"] == 0.0 and m["retention"]["next_token_acc"] == 1.0
     assert set(m["speed"]["ratio"].values()) == {1.0}
     assert m["parent_gen"]["gen_on"]["accuracy"] == m["gen_on"]["accuracy"]
+    assert m["gen_on"]["n"] == 4 and m["gen_if"]["n"] == 2 and "instruction_score" in m["gen_if"]
 
 
-def test_cli_writes_metrics_for_a_child_against_its_parent(tmp_path):
+@pytest.fixture
+def gen_calls(monkeypatch):
+    """(desc, problems) of every generation_eval call of the gen suite; the real evaluation runs."""
+    import common.evaluate as ev
+
+    calls, real = [], ev.generation_eval
+
+    def spy(model, tokenizer, problems, *a, **kw):
+        calls.append((kw["desc"], list(problems)))
+        return real(model, tokenizer, problems, *a, **kw)
+    monkeypatch.setattr(ev, "generation_eval", spy)
+    return calls
+
+
+def test_gen_suite_needs_its_sets_and_reuses_parent_gen_only_on_the_same_problems(eval_data, gen_calls):
+    parent, child, tok = tiny_model(), perturbed(tiny_model()), tiny_tokenizer()
+    with pytest.raises(ValueError, match="gen suite needs the evaluation sets.*eval_sets"):
+        evaluate_checkpoint(child, parent, tok, suites=("gen",), quick=True)
+    with pytest.raises(ValueError, match="asks for 30 math problems .*--eval-math"):
+        evaluate_checkpoint(child, parent, tok, suites=("gen",), quick=True, gen_problems=30,
+                            gen_sets=eval_sets(eval_data))
+    assert gen_calls == []  # nothing ran before the check
+    sets = eval_sets(eval_data)
+    first = evaluate_checkpoint(child, parent, tok, suites=("gen",), quick=True, gen_sets=sets)
+    assert sum(d.startswith("parent:") for d, _ in gen_calls) == 3
+    again = evaluate_checkpoint(child, parent, tok, suites=("gen",), quick=True, gen_sets=sets,
+                                parent_gen=first["parent_gen"])
+    assert sum(d.startswith("parent:") for d, _ in gen_calls) == 3  # the same problems: the parent's numbers reused
+    assert again["parent_gen"] == first["parent_gen"]
+    other = {"math": sets["math"][1:], "chat": sets["chat"]}  # same sizes and budgets, other problems
+    m = evaluate_checkpoint(child, parent, tok, suites=("gen",), quick=True, gen_sets=other,
+                            parent_gen=first["parent_gen"])
+    assert sum(d.startswith("parent:") for d, _ in gen_calls) == 6  # never the parent's numbers of other problems
+    assert m["settings"]["gen_sets_sha1"] != first["settings"]["gen_sets_sha1"]
+    assert m["parent_gen"]["settings"] == m["settings"]
+
+
+def test_cli_gen_suite_takes_the_first_math_problems_of_eval_jsonl_balanced_over_levels(tmp_path, eval_data,
+                                                                                      gen_calls):
+    tok = tiny_tokenizer()
+    save_checkpoint(tiny_model(), tok, str(tmp_path / "parent"), stage="parent")
+    main(["--model", str(tmp_path / "parent"), "--parent", str(tmp_path / "parent"), "--stage", "parent",
+          "--run-dir", str(tmp_path), "--quick", "--suites", "gen", "--data", eval_data, "--gen-problems", "10",
+          "--if-problems", "3", "--no-gen-cache"])
+    records = [json.loads(line) for line in open(f"{eval_data}/eval.jsonl")]
+    ids = {c: list(dict.fromkeys(r["id"] for r in records if r["category"] == c)) for c in ("math", "chat")}
+    (_, on), (_, off), (_, chat) = gen_calls  # the parent against itself: evaluated once
+    assert [p["id"] for p in on] == [p["id"] for p in off] == ids["math"][:10]
+    assert Counter(p["difficulty"] for p in on) == {1: 2, 2: 2, 3: 2, 4: 2, 5: 2}
+    assert [p["id"] for p in chat] == ids["chat"][:3] and all(isinstance(p["constraints"], list) for p in chat)
+    m = json.load(open(tmp_path / "metrics" / "parent.json"))
+    assert m["gen_on"]["n"] == 10 and sorted(m["gen_on"]["accuracy_by_level"]) == ["1", "2", "3", "4", "5"]
+    assert m["settings"]["gen_problems"] == 10 and m["gen_if"]["n"] == 3
+
+
+def test_cli_gen_suite_without_data_is_a_one_line_error(tmp_path):
+    save_checkpoint(tiny_model(), tiny_tokenizer(), str(tmp_path / "parent"), stage="parent")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "parent"), "--parent", str(tmp_path / "parent"), "--stage", "parent",
+              "--run-dir", str(tmp_path), "--quick", "--suites", "text,gen"])
+    assert e.value.code == ("error: --data: the gen suite needs the evaluation sets; give a directory written by "
+                            "python -m data_gen.build")
+    assert not (tmp_path / "metrics" / "parent.json").exists()
+
+
+def test_cli_writes_metrics_for_a_child_against_its_parent(tmp_path, eval_data):
     tok = tiny_tokenizer()
     save_checkpoint(tiny_model(), tok, str(tmp_path / "parent"), stage="parent")
     save_checkpoint(perturbed(tiny_model()), tok, str(tmp_path / "child"), stage="test")
     main(["--model", str(tmp_path / "child"), "--parent", str(tmp_path / "parent"), "--stage", "child",
-          "--run-dir", str(tmp_path), "--quick", "--suites", "text,gen"])
+          "--run-dir", str(tmp_path), "--quick", "--suites", "text,gen", "--data", eval_data])
     m = json.load(open(tmp_path / "metrics" / "child.json"))
     assert m["stage"] == "child" and m["dtype"] in ("float32", "bfloat16")
     assert m["text"]["kl_parent"] > 0 and 0 < m["text"]["top1_agreement"] < 1

@@ -1,17 +1,15 @@
-"""03_ffn_fusion.py: fusion equals the parallel sum, groups from the dependency map, the fused checkpoint."""
+"""03_ffn_fusion.py (its math: common/ffn_fusion.py): fusion equals the parallel sum, groups from the dependency
+map, the fused checkpoint."""
 
-import importlib.util
 import os
 
 import pytest
 import torch
-from conftest import ROOT, tiny_model
+from _stage import run_stage
+from conftest import tiny_model
 
+from common import ffn_fusion
 from common.model import DeciLMForCausalLM
-
-spec = importlib.util.spec_from_file_location("ffn_fusion", os.path.join(ROOT, "03_ffn_fusion.py"))
-ffn_fusion = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ffn_fusion)
 
 
 def hand_made_child(parent: DeciLMForCausalLM, no_attention: list[int], ffn_mults: dict | None = None):
@@ -136,7 +134,7 @@ def test_fused_checkpoint_reloads_generates_and_has_the_depth_fusion_json_says(t
     args = ["--child", str(tmp_path / "child"), "--out", str(tmp_path / "fused"), "--calib-tokens", "64",
             "--seq-len", "32", "--eval-tokens", "128", "--levels", "3", "--speed-new-tokens", "3",
             "--speed-prefill", "2x16", "--wandb-mode", "disabled", "--threads", "1"]
-    metrics = ffn_fusion.main(args)
+    metrics = run_stage("03_ffn_fusion.py", args)["metrics"]
     fusion = read_json(str(tmp_path / "fused" / "fusion.json"))
     assert fusion["runs"] == [[1, 2, 3]] and fusion["groups"] == [[1, 2, 3]]  # default: fuse whole runs
     assert fusion["depth_before"] == 6 + 2 and fusion["depth_after"] == 6 + 2 - 2
@@ -163,4 +161,21 @@ def test_fused_checkpoint_reloads_generates_and_has_the_depth_fusion_json_says(t
         out = fused.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=2)
     assert out.shape[1] == ids.shape[1] + 5
     with pytest.raises(SystemExit, match="already a finished checkpoint"):
-        ffn_fusion.main(args)
+        run_stage("03_ffn_fusion.py", args)
+    assert metrics["report"][0].startswith("## 03 FFN Fusion") and "| 0 | 0 | 6 | 8 |" in "\n".join(metrics["report"])
+
+    # 04 on the unfused child, then on the fused model, same budget: the second KD completes FFN Fusion's
+    # after-training table in its own tables (the report knows no stage)
+    with open(tmp_path / "text.jsonl", "w") as f:
+        f.write("\n".join('{"text": "%s"}' % ("the assignment statement binds a name %d " % i * 8) for i in range(8)))
+    kd = {}
+    for name, student in (("kd_unfused", "child"), ("kd", "fused")):
+        kd[name] = run_stage("04_distill.py", [
+            "--student", str(tmp_path / student), "--out", str(tmp_path / name), "--data", str(tmp_path / "text.jsonl"),
+            "--seq-len", "32", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "1", "--eval-tokens", "64",
+            "--speed-new-tokens", "0", "--metrics-name", name, "--dtype", "float32", "--wandb-mode", "disabled",
+            "--threads", "1"])["metrics"]
+    assert not any("FFN Fusion after the same KD budget" in line for line in kd["kd_unfused"]["report"])
+    text = "\n".join(kd["kd"]["report"])
+    assert text.startswith("## 04 Global KD: kd") and "## 03 + 04 FFN Fusion after the same KD budget" in text
+    assert "| unfused child | " + str(tmp_path / "child") in text and "fused − unfused KL:" in text

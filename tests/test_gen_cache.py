@@ -101,14 +101,14 @@ def test_corrupt_cache_file_is_a_one_line_error_naming_it(tmp_path, damage):
     assert path in msg and "delete the file" in msg and "\n" not in msg
 
 
-def test_evaluate_cli_reuses_the_run_cache_and_no_gen_cache_turns_it_off(tmp_path, decoded):
+def test_evaluate_cli_reuses_the_run_cache_and_no_gen_cache_turns_it_off(tmp_path, decoded, eval_data):
     tok = tiny_tokenizer()
     save_checkpoint(tiny_model(), tok, str(tmp_path / "parent"), stage="parent")
     save_checkpoint(tiny_model(seed=1), tok, str(tmp_path / "child"), stage="test")
 
     def run(stage, *extra):
         main(["--model", str(tmp_path / "child"), "--parent", str(tmp_path / "parent"), "--stage", stage,
-              "--run-dir", str(tmp_path), "--quick", "--suites", "gen", *extra])
+              "--run-dir", str(tmp_path), "--quick", "--suites", "gen", "--data", eval_data, *extra])
         m = json.load(open(tmp_path / "metrics" / f"{stage}.json"))
         return {k: m[k] for k in ("gen_on", "gen_off", "gen_if", "parent_gen", "samples")}
 

@@ -2,12 +2,10 @@
 reported on). Proven on the documents and on the token chunks each stage actually uses."""
 
 import hashlib
-import importlib.util
-import os
 
-from conftest import ROOT, tiny_model, tiny_tokenizer
+from conftest import tiny_model, tiny_tokenizer
 
-from common.data import spread_chunks
+from common.data import bld_documents, spread_chunks
 from common.evaluate import TextEval
 from common.text_corpus import all_documents, distill_documents, split_of_documents
 
@@ -35,10 +33,7 @@ def test_text_splits_are_disjoint_documents_covering_the_mix():
 def test_scoring_selection_and_evaluation_chunks_share_no_text():
     tok = tiny_tokenizer()
     tev = TextEval(tiny_model(), tok, seq_len=64, num_seqs=16)  # the evaluation suite's chunks
-    spec = importlib.util.spec_from_file_location("bld", os.path.join(ROOT, "01_bld.py"))
-    bld = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bld)
-    score = spread_chunks(tok, bld.load_documents(None, "score"), 64, 8)  # 01's scoring chunks
+    score = spread_chunks(tok, bld_documents(None, "score"), 64, 8)  # 01's scoring chunks
     select = spread_chunks(tok, distill_documents("select"), 64, 8)  # 02's ShortGPT selection chunks
     ev, sc, se = windows(tev.ids), windows(score), windows(select)
     assert ev and sc and se

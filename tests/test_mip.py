@@ -1,7 +1,7 @@
 """02_mip_select.py: the MIP meets its constraints and matches brute force, infeasible constraints name the binding
 one, the assembled child loads with AutoModelForCausalLM, generates, and its block costs add up to its params."""
 
-import importlib.util
+import argparse
 import itertools
 import json
 import os
@@ -9,16 +9,13 @@ import random
 
 import pytest
 import torch
-from conftest import ROOT
+from _stage import run_stage
 from test_bld import build_library
 from test_costs import params_as_seconds
 
 import common  # noqa: F401  (registers nemotron-nas)
 from common import costs
-
-spec = importlib.util.spec_from_file_location("mip", os.path.join(ROOT, "02_mip_select.py"))
-mip = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mip)
+from common.mip import blocks_of, greedy_blocks, solve_mip
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +31,11 @@ def mip_argv(root, out, *extra):
             "--dtype", "float32", "--wandb-mode", "disabled", *extra]
 
 
+def run_mip(root, out, *extra):
+    """02_mip_select.py on the library under root, in this process; returns its globals."""
+    return run_stage("02_mip_select.py", mip_argv(root, out, *extra))
+
+
 def test_mip_meets_constraints_and_matches_brute_force():
     """One block (attention, FFN pair) per layer, scored as a pair; costs add over the pair's subblocks."""
     rng = random.Random(0)
@@ -44,7 +46,7 @@ def test_mip_meets_constraints_and_matches_brute_force():
     cost_a = {it: rng.uniform(1, 5) for it in items}
     cost_b = {it: rng.uniform(1, 5) for it in items}
     cons = {"a": (cost_a, 1.0, 19.0), "b": (cost_b, 0.5, 19.0)}
-    choice, status = mip.solve_mip(score, cons, time_limit=20)
+    choice, status = solve_mip(score, cons, time_limit=20)
     assert status == "Optimal"
     chosen = [(l, s, n) for (l, s), n in choice.items()]
     for cost, const, budget in cons.values():
@@ -56,10 +58,10 @@ def test_mip_meets_constraints_and_matches_brute_force():
         if all(sum(c[i] for i in sub) + k <= b for c, k, b in cons.values()):
             v = sum(score[b] for b in combo)
             best = v if best is None else min(best, v)
-    assert best is not None and sum(score[b] for b in mip.blocks_of(choice)) == pytest.approx(best, abs=1e-6)
+    assert best is not None and sum(score[b] for b in blocks_of(choice)) == pytest.approx(best, abs=1e-6)
     # a second, diverse solution differs in at least min_hamming layers' blocks
-    second, _ = mip.solve_mip(score, cons, 20, exclude=[choice], min_hamming=2)
-    assert sum(a != b for a, b in zip(mip.blocks_of(choice), mip.blocks_of(second))) >= 2
+    second, _ = solve_mip(score, cons, 20, exclude=[choice], min_hamming=2)
+    assert sum(a != b for a, b in zip(blocks_of(choice), blocks_of(second))) >= 2
 
 
 def test_mip_removes_whole_layers_when_the_block_score_says_so():
@@ -71,8 +73,8 @@ def test_mip_removes_whole_layers_when_the_block_score_says_so():
     score[(0, "no_op", "no_op")] = 2.5  # layer 0: the parts add up (about)
     score[(1, "no_op", "no_op")] = 1.2  # layer 1: less than attention-only (1.0) + FFN-only (1.0) removal
     rt = {(l, s, n): (0.0 if n == "no_op" else 1.0) for l in range(L) for s in names for n in names[s]}
-    choice, _ = mip.solve_mip(score, {"runtime": (rt, 0.0, 2.0)}, 20)  # must drop two subblocks' runtime
-    assert mip.blocks_of(choice) == [(0, "attn", "ffn"), (1, "no_op", "no_op")]
+    choice, _ = solve_mip(score, {"runtime": (rt, 0.0, 2.0)}, 20)  # must drop two subblocks' runtime
+    assert blocks_of(choice) == [(0, "attn", "ffn"), (1, "no_op", "no_op")]
 
 
 def test_greedy_spends_the_budget_the_equal_shares_leave():
@@ -85,8 +87,8 @@ def test_greedy_spends_the_budget_the_equal_shares_leave():
           for b in blocks}
     score = {b: (0.0 if b[1:] == ("a0", "f0") else rng.uniform(0.1, 1.0) * (4.0 - rt[b])) for b in blocks}
     budget = 9.0
-    choice = mip.greedy_blocks(score, rt, budget)
-    pick = mip.blocks_of(choice)
+    choice = greedy_blocks(score, rt, budget)
+    pick = blocks_of(choice)
     used = sum(rt[b] for b in pick)
     assert used <= budget + 1e-9
     left = budget - used
@@ -101,7 +103,7 @@ def test_infeasible_constraints_name_the_binding_one(lib, monkeypatch, tmp_path)
     root, _ = lib
     out = os.path.join(root, "child_infeasible")
     with pytest.raises(SystemExit) as e:
-        mip.main(mip_argv(root, out, "--max-params", "0.9", "--min-speedup", "1000", "--run-dir", str(tmp_path)))
+        run_mip(root, out, "--max-params", "0.9", "--min-speedup", "1000", "--run-dir", str(tmp_path))
     err = str(e.value.code)  # sys.exit("error: ..."): printed at exit, exit status 1
     assert err.startswith("error: ") and "\n" not in err
     assert "min_speedup is binding" in err and "tightest feasible value is --min-speedup" in err
@@ -118,8 +120,8 @@ def test_stock_vllm_restriction_keeps_only_blocks_stock_vllm_serves(lib):
     searches = {}
     for serving in ("any", "stock-vllm"):
         out = os.path.join(root, f"child_{serving}")
-        mip.main(mip_argv(root, out, "--max-memory-gib", "0.02", "--kv-tokens", "100000", "--no-baselines",
-                          "--serving", serving, "--metrics-name", f"mip_{serving}"))  # KV memory binds: attention goes
+        run_mip(root, out, "--max-memory-gib", "0.02", "--kv-tokens", "100000", "--no-baselines",
+                "--serving", serving, "--metrics-name", f"mip_{serving}")  # KV memory binds: attention goes
         with open(os.path.join(out, "search.json")) as f:
             searches[serving] = json.load(f)
     library = json.load(open(os.path.join(root, "library", "library.json")))
@@ -142,7 +144,7 @@ def test_rescoring_in_the_childs_context_keeps_the_constraints(lib):
     own context; every round is recorded, the child still meets its budget."""
     root, _ = lib
     out = os.path.join(root, "child_rescored")
-    mip.main(mip_argv(root, out, "--max-params", "0.5", "--rescore-rounds", "2", "--metrics-name", "mip_rescored"))
+    run_mip(root, out, "--max-params", "0.5", "--rescore-rounds", "2", "--metrics-name", "mip_rescored")
     with open(os.path.join(out, "search.json")) as f:
         search = json.load(f)
     assert set(search["rescore_rounds"]) == {"kl", "lm_loss"}
@@ -161,7 +163,7 @@ def test_assembled_child_loads_generates_and_costs_add_up(lib):
     from transformers import AutoModelForCausalLM
     root, _ = lib
     out = os.path.join(root, "child")
-    mip.main(mip_argv(root, out, "--max-params", "0.8", "--sweep", "1.1,1.3", "--num-solutions", "2"))
+    run_mip(root, out, "--max-params", "0.8", "--sweep", "1.1,1.3", "--num-solutions", "2")
     with open(os.path.join(out, "search.json")) as f:
         search = json.load(f)
     child = AutoModelForCausalLM.from_pretrained(out)
@@ -170,6 +172,8 @@ def test_assembled_child_loads_generates_and_costs_add_up(lib):
     assert n <= search["constraints"]["max_params"]
     assert {"predicted_speedup", "measured_speedup", "baselines", "sweep"} <= set(search)
     assert len(search["solutions"]) == 2
+    report = "\n".join(json.load(open(os.path.join(root, "metrics", "mip.json")))["report"])
+    assert report.startswith("## 02 Puzzle search: mip") and "Pareto sweep (min-speedup targets):" in report
     methods = [b["method"] for b in search["baselines"]]
     assert any("greedy" in m for m in methods) and any("init-only" in m for m in methods)
     assert os.path.exists(os.path.join(out, "pareto.png"))
@@ -177,7 +181,7 @@ def test_assembled_child_loads_generates_and_costs_add_up(lib):
     gen = child.generate(ids, max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 7)
     with pytest.raises(SystemExit):  # never overwrites a finished child
-        mip.main(mip_argv(root, out, "--max-params", "0.8"))
+        run_mip(root, out, "--max-params", "0.8")
 
 
 # ----------------------------------------------------------------------------
@@ -191,10 +195,25 @@ def window_lib(tmp_path_factory):
                                         "--ffn-widths": ""})
 
 
-def test_scenario_presets_fill_what_the_flags_leave_unset():
-    args = mip.parse_args(["--library", "l", "--out", "o", "--scenario", "long", "--batch", "2"])
+def stage_args(monkeypatch, tmp_path, *flags):
+    """02's args as the stage completes them (the scenario preset filled in), from a run that passes the flag checks
+    and stops at the first file check: --library names nothing."""
+    parse, parsed = argparse.ArgumentParser.parse_args, []
+
+    def parse_and_keep(self, *a, **kw):
+        parsed.append(parse(self, *a, **kw))
+        return parsed[-1]
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_keep)
+    with pytest.raises(SystemExit, match="block library .* does not exist"):
+        run_stage("02_mip_select.py", ["--library", str(tmp_path / "l"), "--out", str(tmp_path / "o"), "--max-params",
+                                       "0.9", *flags])
+    return parsed[-1]
+
+
+def test_scenario_presets_fill_what_the_flags_leave_unset(monkeypatch, tmp_path):
+    args = stage_args(monkeypatch, tmp_path, "--scenario", "long", "--batch", "2")
     assert (args.scenario, args.batch, args.prefill, args.gen_len) == ("long", 2, 1024, 256)
-    args = mip.parse_args(["--library", "l", "--out", "o"])
+    args = stage_args(monkeypatch, tmp_path)
     assert (args.scenario, args.batch, args.prefill, args.gen_len) == ("short", 8, 128, 64)
 
 
@@ -213,8 +232,8 @@ def test_long_context_memory_budget_picks_windows_counted_by_the_window_rule(win
     weights = 2 * sum(p.numel() for p in parent.parameters())
     budget = weights + 30e6
     out = os.path.join(root, "child_long")
-    mip.main(mip_argv(root, out, "--max-memory-gib", str(budget / 2 ** 30), "--kv-tokens", "200000",
-                      "--no-baselines", "--cost-check", "0", "--metrics-name", "mip_window"))
+    run_mip(root, out, "--max-memory-gib", str(budget / 2 ** 30), "--kv-tokens", "200000",
+            "--no-baselines", "--cost-check", "0", "--metrics-name", "mip_window")
     with open(os.path.join(out, "search.json")) as f:
         search = json.load(f)
     attention = [b["attention"] for b in search["solution"]]
@@ -237,15 +256,15 @@ def test_exclude_kinds_window_searches_the_same_space_without_windows(window_lib
     root, _ = window_lib
     parent_weights = 2 * sum(p.numel() for p in load_checkpoint(os.path.join(root, "parent"))[0].parameters())
     out = os.path.join(root, "child_long_nowin")
-    mip.main(mip_argv(root, out, "--max-memory-gib", str((parent_weights + 30e6) / 2 ** 30), "--kv-tokens", "200000",
-                      "--no-baselines", "--cost-check", "0", "--exclude-kinds", "window",
-                      "--metrics-name", "mip_window_excluded"))
+    run_mip(root, out, "--max-memory-gib", str((parent_weights + 30e6) / 2 ** 30), "--kv-tokens", "200000",
+            "--no-baselines", "--cost-check", "0", "--exclude-kinds", "window",
+            "--metrics-name", "mip_window_excluded")
     with open(os.path.join(out, "search.json")) as f:
         attention = [b["attention"] for b in json.load(f)["solution"]]
     assert not any("win" in a for a in attention), attention
     assert sum(a == "kv2" for a in attention) <= 1
-    with pytest.raises(SystemExit):
-        mip.parse_args(["--library", "l", "--out", "o", "--exclude-kinds", "gqa"])
+    with pytest.raises(SystemExit, match="--exclude-kinds: unknown kind"):  # checked before any file is read
+        run_stage("02_mip_select.py", ["--library", "l", "--out", "o", "--exclude-kinds", "gqa"])
 
 
 def test_kv_dtype_fp8_spends_the_saved_memory_and_the_child_runs_an_fp8_cache(window_lib):
@@ -260,8 +279,8 @@ def test_kv_dtype_fp8_spends_the_saved_memory_and_the_child_runs_an_fp8_cache(wi
     parent, _ = load_checkpoint(os.path.join(root, "parent"))
     budget = 2 * sum(p.numel() for p in parent.parameters()) + 30e6
     out = os.path.join(root, "child_long_fp8")
-    mip.main(mip_argv(root, out, "--max-memory-gib", str(budget / 2 ** 30), "--kv-tokens", "200000", "--kv-dtype",
-                      "fp8", "--no-baselines", "--cost-check", "0", "--metrics-name", "mip_window_fp8"))
+    run_mip(root, out, "--max-memory-gib", str(budget / 2 ** 30), "--kv-tokens", "200000", "--kv-dtype",
+            "fp8", "--no-baselines", "--cost-check", "0", "--metrics-name", "mip_window_fp8")
     with open(os.path.join(out, "search.json")) as f:
         search = json.load(f)
     attention = [b["attention"] for b in search["solution"]]

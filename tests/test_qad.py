@@ -1,21 +1,14 @@
 """04_distill.py --quant: PTQ / QAT / QAD (+ self-generated data) of a model into its own fake-quantized copy, from one
 command, each row paired against the full-precision model; the saved checkpoint comes back fake-quantized."""
 
-import importlib.util
-import json
-import os
-
 import pytest
 import torch
-from conftest import ROOT, tiny_model, tiny_tokenizer
+from _stage import run_stage
+from conftest import tiny_model, tiny_tokenizer
 
 from common.checkpoint import load_checkpoint, read_json, save_checkpoint
-from common.quant import QuantLinear, fake_quant_nvfp4
+from common.quant import QuantLinear
 from data_gen import build
-
-spec = importlib.util.spec_from_file_location("distill", os.path.join(ROOT, "04_distill.py"))
-distill = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(distill)
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +17,12 @@ def qad_run(tmp_path_factory):
     save_checkpoint(tiny_model(), tiny_tokenizer(), str(d / "model"), stage="rpo")
     build.main(["--out", str(d / "data"), "--math", "40", "--science", "10", "--instructions", "10",
                 "--eval-math", "6", "--eval-instructions", "4"])
-    distill.main(["--student", str(d / "model"), "--out", str(d / "qad"), "--quant", "nvfp4", "--data", str(d / "data"),
-                  "--quant-methods", "ptq,qat,qad,qad_self", "--seq-len", "64", "--batch-size", "2", "--grad-accum", "1",
-                  "--tokens", "512", "--lr", "2e-5", "--weight-decay", "0", "--eval-tokens", "256", "--eval-problems", "4", "--eval-if", "3",
-                  "--dtype", "float32", "--wandb-mode", "disabled", "--threads", "1", "--metrics-name", "qad_nvfp4"])
+    run_stage("04_distill.py", [
+        "--student", str(d / "model"), "--out", str(d / "qad"), "--quant", "nvfp4", "--data", str(d / "data"),
+        "--quant-methods", "ptq,qat,qad,qad_self", "--seq-len", "64", "--batch-size", "2", "--grad-accum", "1",
+        "--tokens", "512", "--lr", "2e-5", "--weight-decay", "0", "--eval-tokens", "256", "--eval-problems", "4",
+        "--eval-if", "3", "--dtype", "float32", "--wandb-mode", "disabled", "--threads", "1",
+        "--metrics-name", "qad_nvfp4"])
     return d
 
 
@@ -70,7 +65,7 @@ def test_bad_quant_flags_exit_with_one_line(qad_run, capsys):
                        (["--out", str(qad_run / "qad")], "qad"),
                        (["--out", str(qad_run / "x3"), "--loss-ablation", "fkl;lm"], "two tables")):
         with pytest.raises(SystemExit) as e:
-            distill.main(base + extra)
+            run_stage("04_distill.py", base + extra)
         assert msg in str(e.value) and "\n" not in str(e.value)
     assert not (qad_run / "x1").exists()
 

@@ -1,17 +1,35 @@
-"""The results report renders each known stage's table from its metrics file, and lists unknown ones."""
+"""The results tables (common.tables) each stage stores in its metrics file, and the report that joins them in run
+order: it knows no stage (a file without tables is listed as metric | value)."""
 
 import json
 import os
 
 import pytest
 
+from common import tables
 from common.report import main, render
 
 
+# what each stage renders into its metrics (the stage calls its own; a test names it)
+STAGE_TABLES = {"mip": tables.mip_tables, "sft": tables.sft_tables, "kd_ablation": tables.kd_ablation_tables,
+                "grpo": tables.grpo_tables, "parent": tables.evaluation_tables, "ffn_fusion": tables.fusion_tables,
+                "rlhf_reward_model": tables.reward_model_tables, "distill": tables.distill_tables,
+                "distill_unfused": tables.distill_tables}
+
+
 def _write(run_dir, name, obj):
+    """metrics/<name>.json as the stage writes it: with its tables under "report" (rlhf_* through rlhf_tables);
+    a name no stage has is written as given. Each file a little later than the last: run order is file time."""
     os.makedirs(os.path.join(run_dir, "metrics"), exist_ok=True)
-    with open(os.path.join(run_dir, "metrics", name + ".json"), "w") as f:
+    render_fn = STAGE_TABLES.get(name) or (tables.rlhf_tables if name.startswith("rlhf_rpo") or name == "rlhf_rloo"
+                                           else None)
+    if render_fn is not None:
+        obj = dict(obj, report=render_fn(obj, name))
+    path = os.path.join(run_dir, "metrics", name + ".json")
+    with open(path, "w") as f:
         json.dump(obj, f)
+    _write.t = getattr(_write, "t", 1_000_000_000) + 10
+    os.utime(path, (_write.t, _write.t))
 
 
 def test_report_tables(tmp_path):
@@ -113,6 +131,8 @@ def test_report_rlhf_tables(tmp_path):
                                     "after_heldout_accuracy_se": 0.02, "after_accuracy_truncated": 0.4,
                                     "after_accuracy_wrong_answer": 0.95})
     text = render(r)
+    runs = [json.load(open(os.path.join(r, "metrics", f))) for f in sorted(os.listdir(os.path.join(r, "metrics")))]
+    text += "\n".join(tables.rpo_loss_table(runs))  # 07 appends it to an offline RPO run's tables
     assert "| IF all constraints met (off) | 100 | 0.20 | 0.30 ± 0.05 | +0.10 ± 0.03 |" in text
     assert "| reward-model score (IF, off) | 100 | -1.23 | 0.5 | +1.73 ± 0.2 |" in text
     assert "| toggle format, on | 100 | - | 1.00 | - |" in text
@@ -153,6 +173,8 @@ def test_report_mip_cost_model_gaps_to_mip_and_fusion_after_kd(tmp_path):
                          "speed": {"ratio": {"decode_tok_s_bs1": sp}},
                          **({"parent": {"per_seq": {"next_token_acc": [0.4] * 3}}} if name == "distill" else {})})
     text = render(r)
+    m = {n: json.load(open(os.path.join(r, "metrics", n + ".json"))) for n in ("distill", "distill_unfused")}
+    text += "\n".join(tables.fusion_after_kd(m["distill"], m["distill_unfused"]))  # 04 appends it to the second KD's
     assert "predicted within 5.0% of their measured speed" in text and "agrees within 1.2%" in text
     assert "| MIP (KL score) | 1.52 (1.49-1.55) | 1.5 | +1.3% | 0.3 |" in text
     assert "| +0.19 ± 0.02 | -0.01 ± 0.01 | KL | 0.25 | 9 |" in text  # greedy's paired gap, its KL sum, attention
@@ -162,3 +184,13 @@ def test_report_mip_cost_model_gaps_to_mip_and_fusion_after_kd(tmp_path):
     assert "| fused child | fused | 24,576 | 0.3 ± 0.01 | 0.37 ± 0.01 | 0.925 ± 0.014 | 1.7 |" in text
     assert "| unfused child | child | 24,576 | 0.28 ± 0.01 | 0.38 ± 0.01 | 0.95 | 1.5 |" in text
     assert "fused − unfused KL: +0.02 ± 0 (paired over 3 chunks; beyond 2 SE)" in text
+
+
+def test_report_joins_the_stored_tables_in_run_order_and_knows_no_stage(tmp_path):
+    r = str(tmp_path)
+    _write(r, "b_stage", {"report": ["## B's own table", "", "| x |", "|---|", "| 1 |"]})
+    _write(r, "a_stage", {"report": ["## A's own table"]})
+    _write(r, "timings", {"b": 60.0, "a": 30.0})  # rewritten after every stage: still first
+    text = render(r)
+    assert text.index("## Wall time per stage") < text.index("## B's own table") < text.index("## A's own table")
+    assert "| x |\n|---|\n| 1 |" in text

@@ -347,6 +347,7 @@ def test_reward_model_stage_writes_head_pairs_and_per_kind_accuracy(stage):
     assert "truncated" not in kinds and len(kinds) == 4  # the held-out kind never reaches the training file
     m = _metrics(d, "rlhf_reward_model")
     assert m["unseen_kind"] == "truncated" and m["eval_pairs"] == 20
+    assert "| truncated (never trained on) |" in "\n".join(m["report"])
     for k in ("before_heldout_accuracy", "after_heldout_accuracy", "after_heldout_accuracy_se", "after_accuracy_truncated"):
         assert m[k] is not None, k
     load_reward_model(str(d / "rm"))
@@ -359,7 +360,7 @@ def test_every_algorithm_writes_a_checkpoint_and_before_after_metrics(stage):
         assert r.returncode == 0, (name, r.stderr[-3000:])
         assert os.path.isfile(d / name / "COMPLETED") and not os.path.exists(d / f"{name}.state"), name
         assert json.load(open(d / name / "meta.json"))["init"] == str(d / "policy")
-        assert "| metric | before | after |" in r.stdout
+        assert "| held-out | n | before | after | gain (paired SE) |" in r.stdout  # the stored tables, printed
     m = _metrics(d, "rlhf_rloo")
     for mode in ("on", "off"):  # IF with standard errors and paired gains, the reward model's score, math on/off
         for k in ("all_met", "fraction_met", "rm_score", "format_compliance"):
@@ -367,6 +368,7 @@ def test_every_algorithm_writes_a_checkpoint_and_before_after_metrics(stage):
         assert m[f"after_if_{mode}_all_met_se"] is not None and f"gain_if_{mode}_fraction_met_se" in m
         assert f"after_math_{mode}_accuracy" in m and f"after_math_{mode}_format_compliance" in m
     assert m["eval_if_prompts"] == 4
+    assert any(line.startswith("| IF all constraints met (off) | 4 |") for line in m["report"])
     assert _metrics(d, "rlhf_rpo_rpo_sq")["reward_source"] == "reward model"
     online = _metrics(d, "rlhf_rpo_rpo_bwd_kl_online")
     assert len(online["sampled_reward_per_iteration"]) == 2 and "after_if_off_rm_score" in online

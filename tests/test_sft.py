@@ -40,6 +40,7 @@ def test_sft_curriculum_lowers_the_loss_and_saves(tmp_path):
     metrics = json.load(open(tmp_path / "metrics" / "sft.json"))
     assert metrics["train_tokens"] > 0
     assert metrics["toggle"]["n"] == 6 and 0 <= metrics["toggle"]["think_rate_off"] <= 1
+    assert "The toggle after SFT (first" in metrics["report"][-2] and metrics["report"][-2] in r.stdout  # stored, printed
     again = run_sft(tmp_path)  # a finished --out is never overwritten
     assert again.returncode != 0 and "already a finished checkpoint" in again.stderr
 
