@@ -17,8 +17,9 @@ from common.model import DeciLMConfig, DeciLMForCausalLM, parent_block  # noqa: 
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs stage scripts in subprocesses or on the real parent (seconds to "
-                                       "minutes); the inner loop skips them with -m 'not slow'")
+    config.addinivalue_line("markers", "slow: runs whole stage scripts or CLIs (in subprocesses or several in this "
+                                       "process) or the real parent: seconds to minutes; the inner loop skips them "
+                                       "with -m 'not slow'")
 
 
 def tiny_config(num_layers=4, hidden=64, heads=4, kv_heads=2, vocab=512, blocks=None, **kw) -> DeciLMConfig:

@@ -48,6 +48,7 @@ def test_bad_flags_exit_with_one_line(tmp_path, argv):
     assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
 
 
+@pytest.mark.slow
 def test_quality_beside_speed_is_kl_to_the_parent_with_paired_gaps(tmp_path):
     """--scenarios none --eval-seq-len: KL to the parent (0 for the parent itself, > 0 for a window child at a length
     its window does not cover, 0 for a window that covers every chunk) and each pair's paired gap."""

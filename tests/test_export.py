@@ -207,6 +207,7 @@ def nvfp4_checkpoint(path):
     return save_checkpoint(model, tiny_tokenizer(), str(path), stage="qad", meta={"quant": quant}), quant
 
 
+@pytest.mark.slow
 def test_cli_exports_a_quantized_checkpoint_and_refuses_an_existing_out(tmp_path, capsys):
     ckpt, quant = nvfp4_checkpoint(tmp_path / "qad")
     main(["--model", ckpt, "--out", str(tmp_path / "served"), "--format", "nvfp4"])

@@ -122,6 +122,7 @@ def test_fused_model_logits_match_parallel_reference():
     assert diff < 1e-4
 
 
+@pytest.mark.slow
 def test_fused_checkpoint_reloads_generates_and_has_the_depth_fusion_json_says(tmp_path):
     from conftest import tiny_tokenizer
 

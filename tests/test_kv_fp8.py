@@ -237,6 +237,7 @@ def _ckpt(tmp_path, name="in"):
     return save_checkpoint(tiny_model(blocks=MIXED), tiny_tokenizer(), str(tmp_path / name), stage="test")
 
 
+@pytest.mark.slow
 def test_kv_calibrate_cli_writes_a_loadable_checkpoint_and_refuses_an_existing_out(tmp_path, capsys):
     src = _ckpt(tmp_path)
     out = str(tmp_path / "kv")
@@ -265,6 +266,7 @@ def test_kv_calibrate_cli_writes_a_loadable_checkpoint_and_refuses_an_existing_o
     assert [m.k_scale.item() for m in unscaled.modules() if hasattr(m, "k_scale")] == [1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_kv_calibrate_cli_bad_input_exits_with_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "common.quant", "kv-calibrate", "--model", str(tmp_path / "nope"),
@@ -275,6 +277,7 @@ def test_kv_calibrate_cli_bad_input_exits_with_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_shipped_model_code_runs_the_fp8_cache_without_this_repo(tmp_path):
     """modeling_decilm.py (common/model.py, copied into the checkpoint) stays self-contained: plain transformers with
     trust_remote_code, in a process that cannot import the repo, gives our FP8-KV logits."""

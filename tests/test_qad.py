@@ -11,6 +11,9 @@ from common.quant import QuantLinear
 from data_gen import build
 
 
+pytestmark = pytest.mark.slow  # every test reads one 04 --quant run (~20 s)
+
+
 @pytest.fixture(scope="module")
 def qad_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("qad")
