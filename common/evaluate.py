@@ -32,7 +32,7 @@ import torch
 
 from common.checkpoint import (CheckpointError, check_checkpoint, check_metrics_free, load_checkpoint, read_json,
                                write_metrics)
-from common.cli import die, off_or, positive_int
+from common.cli import add_dtype_arg, die, off_or, positive_int
 from common.data import eval_sets
 from common.dist import autocast_ctx, progress, resolve_dtype, sync
 from common.gen_cache import GenCache, add_gen_cache_args, greedy_generate, open_gen_cache
@@ -476,8 +476,7 @@ def main(argv=None):
                    "--gen-problems math and --if-problems instruction problems of DIR/eval.jsonl (math round robin by "
                    "level, so balanced); required by the gen suite")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke runs, tests)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bf16 on CUDA and bf16-capable CPUs, float32 otherwise")
+    add_dtype_arg(p, "evaluation dtype")
     p.add_argument("--threads", type=off_or(positive_int), default=-1, help="torch CPU threads (-1: torch's default)")
     add_gen_cache_args(p)
     # sizes (default: FULL, or QUICK with --quick); -1 keeps the default
