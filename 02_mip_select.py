@@ -181,8 +181,8 @@ seq_tokens = kv_tokens / args.batch  # per sequence: what a window layer's min(t
 memory = {it: params[it] * args.weight_bytes
           + kv_bytes(config, it[1], entries[it]["config"], seq_tokens, args.kv_dtype, args.batch) for it in items}
 parent_fast = copy.deepcopy(parent).to(speed_dtype)  # every runtime is measured in the speed dtype
-k = max(1, L - 1) if args.cost_layers < 0 else args.cost_layers  # layers each variant is timed in
-scenario = f"b{args.batch}-p{args.prefill}-g{args.gen_len}-k{k}"
+timed_layers = max(1, L - 1) if args.cost_layers < 0 else args.cost_layers  # layers each variant is timed in
+scenario = f"b{args.batch}-p{args.prefill}-g{args.gen_len}-k{timed_layers}"
 cost_id = cost_key(args.threads, scenario, speed_dtype, config, space)  # device, ..., parent architecture
 cost_path = cost_cache_path(run_dir, cost_id)
 try:
@@ -193,9 +193,9 @@ if costs is not None:
     print0(f"runtime costs from cache {cost_path}")
 else:
     print0(f"measuring block runtimes in the full model, scenario {scenario} {cost_id['dtype']} (each variant in "
-           f"{k} of {L} layers, {args.cost_repeats} paired rounds)")
+           f"{timed_layers} of {L} layers, {args.cost_repeats} paired rounds)")
     costs = {"key": cost_id, **measure_block_runtimes(parent_fast, space, args.batch, args.prefill, args.gen_len,
-                                                      args.cost_repeats, args.cost_decode_steps, k)}
+                                                      args.cost_repeats, args.cost_decode_steps, timed_layers)}
     write_json_atomic(cost_path, costs)
 runtime = {it: costs["block_runtime_s"][f"{it[1]}:{it[2]}"] for it in items}
 parent_rt, nonblock_rt = costs["parent_runtime_s"], costs["nonblock_runtime_s"]

@@ -212,7 +212,7 @@ fusion = {"child": args.child, "parent": parent_path, "runs": runs, "groups": gr
           "calib_tokens": calib.numel(), "levels": levels, "speed": speed}
 child_map = meta.get("layer_map") or list(range(cfg.num_hidden_layers))  # compose with an earlier fusion
 save_checkpoint(fused, tokenizer, args.out, stage="ffn_fusion", args=user_config,
-                meta={"parent": parent_path, "input": args.child, "layer_map": [child_map[k] for k in layer_map],
+                meta={"parent": parent_path, "input": os.path.abspath(args.child), "layer_map": [child_map[k] for k in layer_map],
                       "metrics": {"before": before, "after": after, "speed": speed}},
                 extra_json={"fusion.json": fusion},
                 extra_files={"dependency_map.png": lambda png: plot_dependency_map(

@@ -637,14 +637,16 @@ if not ablation and not args.quant:
                         meta={"parent": teacher_path, "input": args.student, "layer_map": layer_map,
                               "metrics": {k: metrics[k] for k in ("before", "after", "retention", "speed", "tokens")}})
         metrics["report"] = distill_tables(metrics, args.metrics_name)
-        pair = fusion_pair(metrics)
-        if pair:  # this KD completes FFN Fusion's after-training comparison
-            metrics["report"] += fusion_after_kd(*pair)
         metrics_path = write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
         states.finish()
         wandb_run.log({f"eval/{when}_{k}": v for when, m in (("before", before), ("after", after)) for k, v in m.items()
                        if isinstance(v, float)})  # not the per-chunk lists
         print("\n" + "\n".join(metrics["report"]))
+        pair = fusion_pair(metrics)
+        if pair:  # this KD completes FFN Fusion's after-training comparison: its own file, shown once by the report
+            fusion = fusion_after_kd(*pair)
+            write_metrics(run_dir, "ffn_fusion_after_kd", {"report": fusion})
+            print("\n".join(fusion))
         print(f"checkpoint: {args.out}; metrics: {metrics_path}")
     if world_size > 1:
         torch.distributed.barrier()

@@ -616,6 +616,7 @@ if rank == 0:
             "pairs": pairs_path if offline else None, "metrics": metrics, "history": history, "samples": samples,
             "before": before}  # per-item results: --before-from of a later ablation reuses them
     if algo == "reward_model":  # the policy samples it trained on travel with it
+        metrics["report"] = reward_model_tables(metrics, args.metrics_name)
         extra = {"policy_pairs.jsonl": lambda path: shutil.copy(policy_pairs_path, path)} if args.policy_pairs else None
         save_reward_model(rm, tokenizer, args.out, args=user_config, meta=meta, extra_files=extra)
         if args.policy_pairs:
@@ -626,20 +627,16 @@ if rank == 0:
                 [(r["kind"], r["reasoning"], r["input"][0]["content"], r["chosen"], r["rejected"], a)
                  for r, a in list(zip(eval_pairs, after["accuracy"]))[:100]])})
     else:
-        save_checkpoint(model, tokenizer, args.out, stage=f"rlhf_{algo}", args=user_config, meta=meta)
-    if algo == "reward_model":
-        metrics["report"] = reward_model_tables(metrics, args.metrics_name)
-    else:
         metrics["report"] = rlhf_tables(metrics, args.metrics_name)
-    if algo == "rpo" and not args.online:  # lined up with every offline RPO run of this run directory: the loss
-        try:
-            others = [m for n, m in read_run_metrics(run_dir).items() if n != args.metrics_name and isinstance(m, dict)]
-        except FileNotFoundError:  # the first metrics file of this run directory
-            others = []
-        metrics["report"] += rpo_loss_table(others + [metrics])
+        save_checkpoint(model, tokenizer, args.out, stage=f"rlhf_{algo}", args=user_config, meta=meta)
     write_metrics(run_dir, args.metrics_name, metrics, out=args.out)
     states.finish()
     print0("\n" + "\n".join(metrics["report"]))
+    if algo == "rpo" and not args.online:  # every offline RPO run of this policy and budget side by side: the loss
+        losses = rpo_loss_table(read_run_metrics(run_dir).values(), args.policy, args.steps)
+        if losses:  # one file, rewritten by each such run, so the report shows the table once, after the last
+            write_metrics(run_dir, "rlhf_rpo_losses", {"report": losses})
+            print0("\n".join(losses))
     print0(f"checkpoint: {args.out}; metrics: {os.path.join(run_dir, 'metrics', args.metrics_name + '.json')}")
 wandb_run.finish()
 compute_cleanup()

@@ -267,7 +267,8 @@ def write_metrics(run_dir: str, stage: str, metrics: dict, out: str | None = Non
 
 def read_run_metrics(run_dir: str) -> dict:
     """Every metrics/<name>.json of a run directory by name, in the order they were written (the files' times): the
-    run order. FileNotFoundError naming the fix when there is none."""
+    run order; a file that is not valid JSON comes back as its CheckpointError. FileNotFoundError naming the fix when
+    the run has no metrics directory."""
     mdir = os.path.join(run_dir, "metrics")
     if not os.path.isdir(mdir):
         raise FileNotFoundError(f"{mdir} does not exist; run the stages first (bash run.sh)")
@@ -275,6 +276,8 @@ def read_run_metrics(run_dir: str) -> dict:
                    key=lambda f: (os.path.getmtime(f), f))
     out = {}
     for f in paths:
-        with open(f) as fh:
-            out[os.path.basename(f)[:-5]] = json.load(fh)
+        try:
+            out[os.path.basename(f)[:-5]] = read_json(f)
+        except CheckpointError as e:  # half-written or not JSON: named, never a crash of the stage reading the run
+            out[os.path.basename(f)[:-5]] = e
     return out

@@ -20,7 +20,9 @@ def render(run_dir: str) -> str:
     if isinstance(metrics.get("timings"), dict):  # run.sh's, rewritten after every stage: first, not in run order
         lines += timings_table(metrics.pop("timings"))
     for name, m in metrics.items():
-        if not isinstance(m, dict):  # a JSON file someone else put there (a list, a number): named, not rendered
+        if isinstance(m, Exception):  # not valid JSON (common.checkpoint.read_run_metrics says why)
+            lines += [f"## {name}", "", f"(skipped: {m})", ""]
+        elif not isinstance(m, dict):  # a JSON file someone else put there (a list, a number): named, not rendered
             lines += [f"## {name}", "", f"(not a stage's metrics file: a JSON {type(m).__name__}; skipped)", ""]
         elif isinstance(m.get("report"), list):
             lines += m["report"] + [""]

@@ -5,9 +5,22 @@ Cells say what a reader can use: floats to 3 significant digits, whole numbers f
 (n=...)", a paired gap with its SE and whether it exceeds 2 SE.
 """
 
+import functools
 import json
 
 from common.stats import gap_label, paired_gaps, ratio_se
+
+
+def _never_fails(render):
+    """A stage renders its tables after its checkpoint is saved and before its metrics file is written: a metrics
+    dict of an unexpected shape falls back to the metric | value listing instead of losing the file."""
+    @functools.wraps(render)
+    def safe(m, name, *rest):
+        try:
+            return render(m, name, *rest)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            return generic_table(m, name) + [f"({render.__name__} could not render this file: {e!r})", ""]
+    return safe
 
 
 def _fmt(v):
@@ -90,6 +103,7 @@ def _scalars(d: dict, prefix="") -> dict:
 # The tables of each stage (the stage calls its own and stores the lines in its metrics file)
 
 
+@_never_fails
 def evaluation_tables(m, name):
     """common.evaluate: text quality against the parent, generation (the parent's row beside the model's where the
     model is another checkpoint), speed and its ratio."""
@@ -124,6 +138,7 @@ def _retention(m, k):
     return _pm(r, se)
 
 
+@_never_fails
 def bld_tables(m, _):
     """01: the library's BLD summary, then each variant's replace-one-block score over the layers (mean / max KL to
     the parent with only that block replaced, top-1 agreement, BLD's validation loss before and after)."""
@@ -149,6 +164,7 @@ def _speed(r):
     return f"{r['measured_speedup']:.2f} ({r['measured_speedup_min']:.2f}-{r['measured_speedup_max']:.2f})"
 
 
+@_never_fails
 def mip_tables(m, name):
     sc = m.get("scenario")
     where = (f"; scenario {sc['name']}: batch {sc['batch']}, prompt {sc['prefill']}, {sc['gen_len']} new tokens, "
@@ -167,7 +183,7 @@ def mip_tables(m, name):
                      r.get("fraction_of_ceiling"), r["params"],
                      _pm(r["kl"], r.get("kl_se")), _pm(r["next_token_acc"], r.get("next_token_acc_se")),
                      _pm(r["top1_agreement"], r.get("top1_agreement_se")))
-    if len(m.get("baselines", [])) > 1:
+    if m.get("baselines"):
         base = m["baselines"]
         rows, bcols = [row(r) for r in base], cols
         if any(r.get("vs_mip") for r in base):  # paired quality gaps to the MIP child, same chunks
@@ -187,6 +203,7 @@ def mip_tables(m, name):
     return lines
 
 
+@_never_fails
 def fusion_tables(m, _):
     lines = [f"## 03 FFN Fusion ({m['child']}): sequential depth {m['depth_before']} → {m['depth_after']}", ""]
     levels = m["levels"]
@@ -205,6 +222,7 @@ def fusion_tables(m, _):
     return lines
 
 
+@_never_fails
 def distill_tables(m, name):
     lines = [f"## 04 Global KD: {name} ({m['student']}, loss {m['loss']}, {m['tokens']:,} tokens)", ""]
     rows = [(k, _pm(m[k].get("kl_parent"), m[k].get("kl_parent_se")),
@@ -217,6 +235,7 @@ def distill_tables(m, name):
     return lines
 
 
+@_never_fails
 def kd_ablation_tables(m, _):
     pacc = (m.get("parent") or {}).get("next_token_acc")
     table = m["table"]
@@ -235,6 +254,7 @@ def kd_ablation_tables(m, _):
     return lines + _table(cols, rows)
 
 
+@_never_fails
 def sft_tables(m, _):
     lines = [f"## 05 SFT with the reasoning toggle (init {m['init']}, {m['train_tokens']:,} tokens)", ""]
     rows = []
@@ -254,6 +274,7 @@ def sft_tables(m, _):
     return lines
 
 
+@_never_fails
 def grpo_tables(m, name):
     """06 GRPO: held-out accuracy before/after (± standard error, n), the paired gain, and the filter's counts."""
     n = m.get("eval_problems")
@@ -273,6 +294,7 @@ def grpo_tables(m, name):
                            "format after", "mean tokens after"], rows)
 
 
+@_never_fails
 def rlhf_tables(m, name):
     """07 RLOO / RPO / GRPO-vs-RM: held-out instruction following, the reward model's score of the answers and
     math ("nothing lost"), before and after with standard errors, n, and the paired gain."""
@@ -298,6 +320,7 @@ def rlhf_tables(m, name):
     return lines
 
 
+@_never_fails
 def reward_model_tables(m, name):
     """07 reward model: pairwise accuracy on held-out pairs, per kind; the unseen kind was never trained on."""
     kinds = [k[len("after_accuracy_"):] for k in m if k.startswith("after_accuracy_") and not k.endswith("_se")]
@@ -309,6 +332,7 @@ def reward_model_tables(m, name):
     return lines + _table(["pairwise accuracy", "before training", "after"], rows)
 
 
+@_never_fails
 def quant_tables(metrics: dict, title: str) -> list[str]:
     """04 --quant: PTQ / QAT / QAD (/ QAD from the model itself) against the full-precision model, each cell with its
     paired gap."""
@@ -334,10 +358,11 @@ def quant_tables(metrics: dict, title: str) -> list[str]:
     return lines + [""]
 
 
-def rpo_loss_table(runs: list[dict]) -> list[str]:
-    """The paper's choice of loss: the offline RPO runs of a run directory (07's metrics) side by side; [] for
-    fewer than two (an online run is not at the same budget)."""
-    runs = [m for m in runs if m.get("algo") == "rpo" and not m.get("online_iterations")]
+def rpo_loss_table(runs: list[dict], policy: str, steps: int) -> list[str]:
+    """The paper's choice of loss: the offline RPO runs of one policy at one budget (07's metrics) side by side; []
+    for fewer than two (an online run is not at the same budget)."""
+    runs = [m for m in runs if isinstance(m, dict) and m.get("algo") == "rpo" and not m.get("online_iterations")
+            and m.get("policy") == policy and m.get("steps") == steps]
     if len(runs) < 2:
         return []
     rows = [(m["rpo_loss"], m["steps"], _val(m.get("before_if_off_rm_score")), _val(m.get("after_if_off_rm_score")),

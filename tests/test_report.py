@@ -132,7 +132,8 @@ def test_report_rlhf_tables(tmp_path):
                                     "after_accuracy_wrong_answer": 0.95})
     text = render(r)
     runs = [json.load(open(os.path.join(r, "metrics", f))) for f in sorted(os.listdir(os.path.join(r, "metrics")))]
-    text += "\n".join(tables.rpo_loss_table(runs))  # 07 appends it to an offline RPO run's tables
+    text += "\n".join(tables.rpo_loss_table(runs, "g", 16))  # 07 writes it for an offline RPO run's policy, steps
+    assert tables.rpo_loss_table(runs, "g", 8) == [] and tables.rpo_loss_table(runs, "other", 16) == []
     assert "| IF all constraints met (off) | 100 | 0.20 | 0.30 ± 0.05 | +0.10 ± 0.03 |" in text
     assert "| reward-model score (IF, off) | 100 | -1.23 | 0.5 | +1.73 ± 0.2 |" in text
     assert "| toggle format, on | 100 | - | 1.00 | - |" in text
@@ -194,3 +195,14 @@ def test_report_joins_the_stored_tables_in_run_order_and_knows_no_stage(tmp_path
     text = render(r)
     assert text.index("## Wall time per stage") < text.index("## B's own table") < text.index("## A's own table")
     assert "| x |\n|---|\n| 1 |" in text
+
+
+def test_a_table_that_cannot_render_and_a_broken_file_never_lose_the_rest(tmp_path):
+    r = str(tmp_path)
+    lines = tables.sft_tables({"train_tokens": 5}, "sft")  # no "init": the listing instead of a crash
+    assert lines[:2] == ["## sft", ""] and "| train_tokens | 5 |" in lines and "could not render" in lines[-2]
+    _write(r, "a_stage", {"report": ["## A's own table"]})
+    with open(os.path.join(r, "metrics", "half.json"), "w") as f:
+        f.write('{"kl": 0.')  # cut off mid-write
+    text = render(r)
+    assert "## A's own table" in text and "## half\n\n(skipped: " in text and "is not valid JSON" in text
