@@ -569,6 +569,10 @@ if args.quant:
         print("\n" + "\n".join(metrics["report"]))
         print(f"checkpoint ({keep[0]}): {args.out}; metrics: {metrics_path}")
 
+
+# ----------------------------------------------------------------------------
+# KD (+ CPT), save, the table (`history`, the loss curve, stays a module global: tests read it back)
+
 def fusion_pair(metrics: dict):
     """(fused, unfused): this KD and another KD of this run directory at the same token budget, one of a fused model
     (03's output), the other of the child it fused; None when the other half has not run."""
@@ -582,23 +586,19 @@ def fusion_pair(metrics: dict):
         runs = read_run_metrics(run_dir)
     except FileNotFoundError:
         return None
-    me = os.path.realpath(args.student)
+    me, my_child = os.path.realpath(args.student), fused_from(args.student)
     for name, m in runs.items():
         if name == args.metrics_name or not isinstance(m, dict) or m.get("tokens") != metrics["tokens"] \
                 or not m.get("after") or not m.get("student"):
             continue
-        other = os.path.realpath(m["student"])
-        if fused_from(args.student) == other:
+        if my_child == os.path.realpath(m["student"]):
             return metrics, m
         if fused_from(m["student"]) == me:
             return m, metrics
     return None
 
 
-# ----------------------------------------------------------------------------
-# KD (+ CPT), save, the table (`history`, the loss curve, stays a module global: tests read it back)
-
-if not ablation and not args.quant:
+if not ablation and not args.quant:  # the third mode: KD itself
     resume_from = None
     if args.resume:
         resume_from = states.latest()
