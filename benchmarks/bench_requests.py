@@ -185,18 +185,20 @@ def table_md(rows: list[dict]) -> str:
 
 def per_token_vs_per_request(rows: list[dict], speed: dict) -> list[str]:
     """For each pair of models: the efforts at which the one with more tok/s serves fewer requests/s (or the one
-    with fewer tok/s serves more), with the paired difference in tokens per request (same problems) and its SE."""
+    with fewer tok/s serves more), with the paired difference in tokens per request (same problems) and its SE.
+    Speed is the paired one: each model's median per-round ratio to the parent (`speed[n]["ratio"]`), not the
+    ratio of median tok/s, which carries the machine's drift between rounds."""
     by = {(r["model"], r["effort"]): r for r in rows}
     names = list(dict.fromkeys(r["model"] for r in rows))
     efforts = list(dict.fromkeys(r["effort"] for r in rows))
     out = []
     for a, b in itertools.combinations(names, 2):
-        fast, slow = (a, b) if speed[a]["tok_s"] >= speed[b]["tok_s"] else (b, a)
-        tok_ratio = speed[fast]["tok_s"] / speed[slow]["tok_s"]
+        fast, slow = (a, b) if speed[a]["ratio"] >= speed[b]["ratio"] else (b, a)
+        tok_ratio = speed[fast]["ratio"] / speed[slow]["ratio"]
         flips, wins = [], []
         for e in efforts:
             rf, rs = by[fast, e], by[slow, e]
-            rr = rf["req_s"] / rs["req_s"]
+            rr = tok_ratio * rs["tokens"] / rf["tokens"]  # requests/s = tok/s / tokens per request
             d, se = mean_se([x - y for x, y in zip(rf["tokens_per_problem"], rs["tokens_per_problem"])])
             (flips if rr < 1 else wins).append(f"{e} ({rr:.2f}x req/s: {rf['tokens']:.0f} vs {rs['tokens']:.0f} "
                                                f"tokens/request, {d:+.0f} ± {se:.0f} paired)")

@@ -87,6 +87,12 @@ def generic_table(m: dict, name: str) -> list[str]:
     return [f"## {name}", ""] + _table(["metric", "value"], list(flat.items()))
 
 
+def _speed_ratios(m: dict, title: str) -> list[str]:
+    """common.evaluate.speed_eval's ratios (model / reference per measure) as a one-row table; [] without them."""
+    ratio = (m.get("speed") or {}).get("ratio")
+    return [title, ""] + _table(list(ratio), [list(ratio.values())]) if ratio else []
+
+
 def _scalars(d: dict, prefix="") -> dict:
     out = {}
     for k, v in d.items():
@@ -216,10 +222,7 @@ def fusion_tables(m, _):
         ref = next((lv for lv in levels if lv["merges"] == 0), None)
         rows = [r + g for r, g in zip(rows, _gaps(levels, "vs_unfused", ref, "unfused"))]
     lines += _table(cols, rows)
-    sp = m.get("speed") or {}
-    if sp.get("ratio"):
-        lines += ["Fused vs unfused, same run:", ""] + _table(list(sp["ratio"]), [list(sp["ratio"].values())])
-    return lines
+    return lines + _speed_ratios(m, "Fused vs unfused, same run:")
 
 
 @_never_fails
@@ -229,10 +232,7 @@ def distill_tables(m, name):
              _pm(m[k].get("next_token_acc"), m[k].get("next_token_acc_se")), _retention(m, k),
              m[k].get("top1_agreement")) for k in ("before", "after") if m.get(k)]
     lines += _table(["", "KL", "next-token acc", "retention", "top-1 agree"], rows)
-    sp = m.get("speed") or {}
-    if sp.get("ratio"):
-        lines += ["Speed vs the teacher (ratios):", ""] + _table(list(sp["ratio"]), [list(sp["ratio"].values())])
-    return lines
+    return lines + _speed_ratios(m, "Speed vs the teacher (ratios):")
 
 
 @_never_fails

@@ -119,7 +119,8 @@ def test_requests_per_second_is_tokens_per_second_over_tokens_per_request(run):
 
 
 def test_pairwise_statement_names_a_flip_between_per_token_and_per_request():
-    speed = {"a": {"tok_s": 200.0}, "b": {"tok_s": 100.0}}
+    # paired ratios to the parent decide, not the medians of tok/s (here drift makes b's median look faster)
+    speed = {"a": {"tok_s": 90.0, "ratio": 2.0}, "b": {"tok_s": 100.0, "ratio": 1.0}}
     rows = [{"model": "a", "effort": "off", "tokens": 10.0, "tokens_per_problem": [10, 10], "req_s": 20.0},
             {"model": "a", "effort": "on", "tokens": 400.0, "tokens_per_problem": [400, 400], "req_s": 0.5},
             {"model": "b", "effort": "off", "tokens": 10.0, "tokens_per_problem": [10, 10], "req_s": 10.0},
