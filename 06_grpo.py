@@ -256,12 +256,13 @@ schedule = [kept[i % len(kept)] for i in range(need)]  # cycles the filtered set
 
 # ----------------------------------------------------------------------------
 # Evaluation before training (held-out, both modes); answers the run's generation cache holds for these weights (an
-# earlier evaluation of the same checkpoint) are reused
+# earlier evaluation of the same checkpoint) are reused. With the vLLM generator the engine decodes them too (synced
+# with the weights first; before and after through the same engine, so the gain stays paired)
 
 
 def eval_both_modes(m) -> dict:
     return math_both_modes(m, tokenizer, eval_set, args.eval_max_new_tokens, args.eval_max_new_tokens_off, dtype=dtype,
-                           cache=gen_cache)
+                           cache=gen_cache, engine=generator if generator is not model else None)
 
 
 def reuse_before(path) -> dict:

@@ -86,7 +86,7 @@ p.add_argument("--top-p", type=prob, default=1.0)
 p.add_argument("--max-new-tokens", type=positive_int, default=256, help="completion budget (thinking on)")
 p.add_argument("--max-new-tokens-off", type=positive_int, default=96, help="completion budget with thinking off")
 p.add_argument("--gen-batch-size", type=positive_int, default=64, help="rows per generate call")
-add_generator_args(p)  # rloo, grpo-rm and online rpo sample through it
+add_generator_args(p)  # rloo, grpo-rm and online rpo sample through it; every policy evaluation decodes through it
 # rewards
 p.add_argument("--all-met", action="store_true", help="verifier reward 1 only when every constraint is met")
 p.add_argument("--w-format", type=nonneg_float, default=0.0, help="+ w * [toggle format kept] in the verifier reward")
@@ -151,9 +151,8 @@ if args.online and algo != "rpo":
     die(f"--online {args.online} is for --algo rpo (got {algo})")
 if args.k < 2 and (algo in ("rloo", "grpo-rm") or args.online or args.policy_pairs):
     die(f"--k {args.k}: a group of one has no baseline and no pair; use e.g. --k 4")
-samples_rollouts = algo in ("rloo", "grpo-rm") or bool(args.online)
-if args.generator == "vllm" and not samples_rollouts:
-    die(f"--generator vllm samples rollouts (rloo, grpo-rm, online rpo); {algo} samples none: drop the flag")
+if args.generator == "vllm" and algo == "reward_model":
+    die("--generator vllm decodes a policy's rollouts and evaluations; --train-reward-model decodes none: drop the flag")
 try:
     check_generator_args(args)
 except ValueError as e:
@@ -232,11 +231,12 @@ if algo == "rpo" or (algo in ("rloo", "grpo-rm") and args.beta > 0):  # the froz
     ref_model = load_checkpoint(args.policy, dtype=torch.float32, device=device, with_tokenizer=False)[0]
     ref_model.requires_grad_(False)
 trained = trained or model
-# the sampler of rloo / grpo-rm / online rpo: the policy itself, or a colocated vLLM engine synced after every update
-generator = rollout_generator(args, args.policy, model, dtype, args.seed) if samples_rollouts else model
+# the sampler of rloo / grpo-rm / online rpo and the decoder of every policy evaluation: the policy itself, or a
+# colocated vLLM engine synced after every update (offline RPO: before each evaluation)
+generator = rollout_generator(args, args.policy, model, dtype, args.seed) if algo != "reward_model" else model
 print0(f"{algo}: policy {args.policy} (stage {policy_meta.get('stage')}); reward model {args.reward_model or '-'}; "
        f"compute dtype {dtype}; world size {world_size}"
-       + (f"; sampler {'vLLM' if generator is not model else 'HF generate'}" if samples_rollouts else "")
+       + (f"; sampler {'vLLM' if generator is not model else 'HF generate'}" if algo != "reward_model" else "")
        + (f"; RPO rewards from the {reward_source}" if reward_source else ""))
 
 # ----------------------------------------------------------------------------
@@ -384,6 +384,9 @@ def eval_policy(m) -> dict:
     answers the run's generation cache holds for these weights (the previous stage's "after") are reused."""
     if not (eval_if_set or eval_math_set):
         return {}
+    engine = generator if generator is not m else None  # vLLM decodes, synced with these weights first
+    if engine is not None:
+        engine.update_weights(m)
     m.eval()
     out = {}
     with autocast_ctx(device, dtype):
@@ -391,7 +394,7 @@ def eval_policy(m) -> dict:
             recs = [{"input": q["question"], "constraints": q["constraints"], "on": mode == "on"} for q in eval_if_set]
             prompts = [prompt_text(r) for r in recs]
             budget = args.eval_max_new_tokens if mode == "on" else args.eval_max_new_tokens_off
-            outs = greedy_generate(m, tokenizer, prompts, budget, args.eval_batch_size, cache=gen_cache)
+            outs = greedy_generate(m, tokenizer, prompts, budget, args.eval_batch_size, cache=gen_cache, engine=engine)
             scored = [verifier_reward(t, r["on"], r["constraints"]) for r, (t, _) in zip(recs, outs)]
             res = {"met": [s["score"] for s in scored], "all_met": [s["correct"] for s in scored],
                    "format": [s["format"] for s in scored], "samples": [[q, t] for q, (t, _) in zip(prompts[:3], outs)]}
@@ -401,7 +404,7 @@ def eval_policy(m) -> dict:
             out[f"if_{mode}"] = res
         for mode in ("on", "off") if eval_math_set else ():
             r = generation_eval(m, tokenizer, eval_math_set, reasoning=mode == "on", batch_size=args.eval_batch_size,
-                                cache=gen_cache,
+                                cache=gen_cache, engine=engine,
                                 max_new_tokens=args.eval_max_new_tokens if mode == "on" else args.eval_max_new_tokens_off)
             out[f"math_{mode}"] = {"correct": [float(c) for c in r["correct"]], "format_compliance": r["format_compliance"],
                                    "mean_response_tokens": r["mean_response_tokens"]}

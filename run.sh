@@ -56,13 +56,18 @@ stage sft_parent    "$R/sft_parent/COMPLETED"      $PY 05_sft.py --init "$R/pare
                       --max-steps 6,42,12 --lr 3e-4,2e-4,1e-4 --seq-len 512 --grad-accum 1 --eval-problems 32 \
                       --metrics-name sft_parent
 
+# 06-07 decode their rollouts and before/after evaluations through a colocated vLLM engine where install_vllm.sh's
+# venv exists (vLLM-CPU samples ~2.4x the tokens/s of our decoder: docs/serving.md), else through our decoder
+if [ -x .venv-vllm/bin/python ]; then RL_PY=.venv-vllm/bin/python; GEN=vllm; else RL_PY=$PY; GEN=hf; fi
+
 # 06: reasoning RL (GRPO) on the line whose SFT model solves some prompts on this budget (LN-Nano's, from the
 # parent): pass-rate filter (8 samples per candidate), easy-to-hard curriculum, 16 prompts x 8 samples per rollout,
 # 2 optimizer steps per rollout, lr 3e-6 (at 2e-5 "on" accuracy fell 15 points); before/after accuracy on 100
 # held-out problems per mode. End to end on a fresh run directory it raised "on" accuracy 0.16 -> 0.28 (+0.12 +- 0.041
 # paired SE, one seed; README, 06).
-stage grpo          "$R/grpo/COMPLETED"            $PY 06_grpo.py --policy "$R/sft_parent" --data "$D" --out "$R/grpo" \
-                      --num-prompts 64 --steps 24 --prompts-per-step 16 --group-size 8 --lr 3e-6 --eval-problems 100
+stage grpo          "$R/grpo/COMPLETED"            $RL_PY 06_grpo.py --policy "$R/sft_parent" --data "$D" --out "$R/grpo" \
+                      --num-prompts 64 --steps 24 --prompts-per-step 16 --group-size 8 --lr 3e-6 --eval-problems 100 \
+                      --generator $GEN
 
 # 07: a Bradley-Terry reward model (held-out pairs, one pair kind never trained on); instruction-following RL (RLOO
 # with the constraint verifiers as reward, the reward model only scoring the evaluation) on the GRPO model; offline
@@ -70,10 +75,10 @@ stage grpo          "$R/grpo/COMPLETED"            $PY 06_grpo.py --policy "$R/s
 # each ("nothing lost"). RPO at the paper's offline lr 7e-7: at 07's default 5e-6 it cost 6 points of "on" math.
 stage reward_model  "$R/reward_model/COMPLETED"    $PY 07_rlhf.py --train-reward-model --policy "$R/sft_parent" --data "$D" \
                       --out "$R/reward_model" --steps 48 --pairs-per-step 8 --num-pairs 512 --eval-pairs 200
-stage rloo          "$R/rloo/COMPLETED"            $PY 07_rlhf.py --algo rloo --policy "$R/grpo" --data "$D" --out "$R/rloo" \
+stage rloo          "$R/rloo/COMPLETED"            $RL_PY 07_rlhf.py --algo rloo --generator $GEN --policy "$R/grpo" --data "$D" --out "$R/rloo" \
                       --reward-model "$R/reward_model" --steps 24 --prompts-per-step 8 --k 4 --max-new-tokens 128 \
                       --max-new-tokens-off 64 --eval-if 100 --eval-math 100
-stage rpo           "$R/rpo/COMPLETED"             $PY 07_rlhf.py --algo rpo --rpo-loss rpo_sq --reward-model "$R/reward_model" \
+stage rpo           "$R/rpo/COMPLETED"             $RL_PY 07_rlhf.py --algo rpo --generator $GEN --rpo-loss rpo_sq --reward-model "$R/reward_model" \
                       --policy "$R/rloo" --data "$D" --out "$R/rpo" --steps 24 --pairs-per-step 8 --eval-if 100 --eval-math 100 \
                       --lr 7e-7
 

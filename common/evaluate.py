@@ -172,13 +172,14 @@ def toggle_eval(model, tokenizer, problems: list[dict], max_new_tokens: int = 16
 
 def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max_new_tokens: int = 256,
                     batch_size: int = 16, num_samples: int = 3, desc: str | None = None,
-                    cache: GenCache | None = None) -> dict:
+                    cache: GenCache | None = None, engine=None) -> dict:
     """Greedy answers under "detailed thinking on"/"off". A problem with `constraints` is scored by the
     instruction-following verifiers (correct = all satisfied); otherwise `answer` is checked on the answer part
     (after </think>). format_compliance: think block first when on, no think tags when off.
     `desc` names the progress bar (default: "generation, thinking on/off").
     `cache` (common.gen_cache; default none): reuse the answers it holds for this model's weights, prompts, budget
-    and compute setting and decode only the others; a cached answer is one valid greedy answer of those weights."""
+    and compute setting and decode only the others; a cached answer is one valid greedy answer of those weights.
+    `engine` (a VLLMGenerator synced with `model`): vLLM decodes the answers instead of our decoder."""
     from common.data import build_messages, render_prompt
     from common.rewards import answer_correct, format_correct, instruction_following_score
 
@@ -186,7 +187,8 @@ def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max
         return {"n": 0}
     prompts = [render_prompt(tokenizer, build_messages(problem_text(p), reasoning)) for p in problems]
     desc = desc or f"generation, thinking {'on' if reasoning else 'off'}"
-    outs = [text for text, _ in greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, cache, desc)]
+    outs = [text for text, _ in greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, cache, desc,
+                                                engine=engine)]
     correct, fmt, lengths, if_scores, samples = [], [], [], [], []
     for p, text in zip(problems, outs):
         if p.get("constraints"):
@@ -224,16 +226,21 @@ def generation_eval(model, tokenizer, problems: list[dict], reasoning: bool, max
 
 
 def math_both_modes(model, tokenizer, problems: list[dict], max_new_tokens_on: int, max_new_tokens_off: int,
-                    batch_size: int = 32, dtype=None, cache: GenCache | None = None, who: str | None = None) -> dict:
+                    batch_size: int = 32, dtype=None, cache: GenCache | None = None, who: str | None = None,
+                    engine=None) -> dict:
     """generation_eval with "detailed thinking on" and "off" ({"on": ..., "off": ...}; {} without problems): a
-    training stage's before/after evaluation, the model in eval mode under the stage's autocast, in train mode after."""
+    training stage's before/after evaluation, the model in eval mode under the stage's autocast, in train mode after.
+    `engine` (an RL stage's colocated VLLMGenerator): synced with the model's weights, then it decodes."""
     if not problems:
         return {}
+    if engine is not None:
+        engine.update_weights(model)
     model.eval()
     with autocast_ctx(_device(model), dtype):
         out = {mode: generation_eval(model, tokenizer, problems, reasoning=mode == "on", batch_size=batch_size,
                                      max_new_tokens=max_new_tokens_on if mode == "on" else max_new_tokens_off,
-                                     desc=f"{who}: math, thinking {mode}" if who else None, cache=cache)
+                                     desc=f"{who}: math, thinking {mode}" if who else None, cache=cache,
+                                     engine=engine)
                for mode in ("on", "off")}
     model.train()
     return out

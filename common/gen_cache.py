@@ -146,24 +146,32 @@ class GenCache:
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-                    cache: GenCache | None = None, desc: str | None = None) -> list[tuple[str, list[int]]]:
+                    cache: GenCache | None = None, desc: str | None = None, engine=None) -> list[tuple[str, list[int]]]:
     """The greedy answer to each rendered prompt as (text, ids), ids through the first EOS (common.generate's
     return_ids). With `cache`, only the prompts it has no answer for (this model, budget and compute setting) are
-    decoded, once each, and their answers are added to it. `desc` names the progress bar."""
+    decoded, once each, and their answers are added to it. `desc` names the progress bar. `engine` (a
+    common.generate.VLLMGenerator holding `model`'s weights) decodes instead of our decoder; its answers are cached
+    under the engine's own compute setting, never mixed with ours."""
     def run(ps, label):
+        if engine is not None:
+            if label:
+                print0(f"{label}: vLLM")
+            return [o[0][:2] for o in engine.generate(ps, temperature=0.0, max_new_tokens=max_new_tokens,
+                                                      return_ids=True)]
         return [o[0] for o in generate(model, tokenizer, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                        return_ids=True, desc=label)]
     if cache is None:
         return run(prompts, desc and f"{desc} ({len(prompts)} prompts)")
-    fp, compute = model_fingerprint(model, tokenizer), compute_setting(model)
+    fp = model_fingerprint(model, tokenizer)
+    compute = engine.compute_setting if engine is not None else compute_setting(model)
     found = {p: cache.get(fp, p, max_new_tokens, compute) for p in prompts}
     todo = [p for p, a in found.items() if a is None]  # distinct prompts, in order
     reused = len(prompts) - sum(found[p] is None for p in prompts)
     if todo:
         new = dict(zip(todo, run(todo, desc and f"{desc} ({len(todo)} prompts" +
                                  (f", {reused} more from the cache)" if reused else ")"))))
-        cache.put(fp, {(p, max_new_tokens, compute): a for p, a in new.items()})
+        cache.put(fp, {(p, max_new_tokens, compute): tuple(a) for p, a in new.items()})
         found.update(new)
     elif desc and prompts:
         print0(f"{desc}: all {len(prompts)} answers from the generation cache ({cache.path(fp)})")
-    return [found[p] for p in prompts]
+    return [tuple(found[p]) for p in prompts]

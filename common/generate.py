@@ -191,6 +191,8 @@ class VLLMGenerator:
         if on_cpu:  # vLLM-CPU sizes its KV cache from this (GiB), else it reserves most of the host's memory
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         self.dtype = getattr(torch, dtype)
+        # what common.gen_cache files this engine's greedy answers under: never mixed with our decoder's
+        self.compute_setting = f"vllm {'cpu' if on_cpu else 'cuda'} {dtype}" + (f" {quantization}" if quantization else "")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         vocab = self.tokenizer.get_vocab()
         eos = {self.tokenizer.eos_token_id}
@@ -310,8 +312,9 @@ def add_generator_args(p) -> None:
     """--generator, --fp8-generation, --is-correction, --is-cap: the same flags in every stage that samples
     rollouts."""
     p.add_argument("--generator", default="auto", choices=["auto", "hf", "vllm"],
-                   help="vllm: a colocated vLLM engine (CUDA, or CPU with install_vllm.sh's venv); auto: vLLM on CUDA "
-                        "where installed, else our decoder on the policy itself")
+                   help="vllm: a colocated vLLM engine samples the rollouts and decodes the greedy evaluations (CUDA, "
+                        "or CPU with install_vllm.sh's venv); auto: vLLM on CUDA where installed, else our decoder on "
+                        "the policy itself")
     p.add_argument("--fp8-generation", action="store_true", help="vLLM quantization='fp8' on CUDA (the paper's 1.8x)")
     p.add_argument("--is-correction", default="sequence_mask", choices=["sequence_mask", "token_truncate", "off"],
                    help="importance weights pi_old / mu for a vLLM sampler (common.rl.sampler_is_weights; TRL's "

@@ -19,6 +19,7 @@ from conftest import ROOT, tiny_model, tiny_tokenizer  # noqa: E402
 
 from common.checkpoint import save_checkpoint  # noqa: E402
 from common.data import render_prompt  # noqa: E402
+from common.gen_cache import GenCache, compute_setting, greedy_generate, model_fingerprint  # noqa: E402
 from common.generate import VLLMGenerator, generate, load_generator  # noqa: E402
 from common.model import parent_block  # noqa: E402
 from common.rl import rollout_logprobs, sample_rollout  # noqa: E402
@@ -92,6 +93,25 @@ def test_sampler_logprobs_agree_with_the_training_forward(engine):
     assert worst < 1e-3, worst
 
 
+def test_greedy_evaluation_through_the_engine_equals_ours_and_is_cached_apart(engine, tmp_path):
+    """An RL stage's evaluation decoded by its engine (greedy_generate(engine=...)): in float32 the engine's answers
+    are our decoder's, token for token; the generation cache files them under the engine's compute setting, so a
+    later evaluation reuses answers only from the decoder that made them."""
+    gen, tok, a, b = engine
+    gen.update_weights(a)
+    ps, cache = prompts(8), GenCache(str(tmp_path / "cache"))
+    ours = greedy_generate(a, tok, ps, 24, cache=cache)
+    theirs = greedy_generate(a, tok, ps, 24, cache=cache, engine=gen)
+    assert [list(i) for _, i in theirs] == [list(i) for _, i in ours] and all(len(i) > 0 for _, i in ours)
+    assert [t for t, _ in theirs] == [t for t, _ in ours]
+    computes = {k[2] for k in cache.answers[model_fingerprint(a, tok)]}
+    assert computes == {compute_setting(a), "vllm cpu float32"}
+    gen.update_weights(b)  # the cache is keyed by the weights: the other policy's answers are decoded, not reused
+    assert [list(i) for _, i in greedy_generate(b, tok, ps, 24, cache=cache, engine=gen)] == \
+        ids_of(generate(b, tok, ps, max_new_tokens=24, return_ids=True))
+    gen.update_weights(a)
+
+
 def test_a_variant_stock_vllm_cannot_serve_is_refused_before_an_engine_starts(tmp_path, monkeypatch):
     """Without the plugin (VLLM_PLUGINS leaving it out), a child with linear attention is refused by name before any
     engine starts; with the plugin loaded the same checkpoint passes the check."""
@@ -135,7 +155,8 @@ def test_grpo_runs_with_the_vllm_generator_and_corrects_for_the_sampler(tmp_path
     optimizer step, the importance-sampling statistics recorded, a clean exit (no process-group error at shutdown);
     --fp8-generation is a one-line error before any work."""
     run = tiny_rl_run(tmp_path, "06_grpo.py", "--num-prompts", "8", "--filter-samples", "2", "--prompts-per-step", "2",
-                      "--group-size", "4", "--steps", "2", "--eval-problems", "0")
+                      "--group-size", "4", "--steps", "2", "--eval-problems", "2", "--eval-max-new-tokens", "12",
+                      "--eval-max-new-tokens-off", "8")
     r = run("bad", "--fp8-generation", timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --fp8-generation needs")
     r = run("grpo")
@@ -147,20 +168,28 @@ def test_grpo_runs_with_the_vllm_generator_and_corrects_for_the_sampler(tmp_path
         assert h["completion_tokens"] > 0
         assert h["is_masked_fraction"] is None or 0 <= h["is_masked_fraction"] <= 1
     assert any(h["is_log_ratio"] is not None for h in history)  # groups with signal were trained and corrected
+    m = json.load(open(tmp_path / "grpo" / "meta.json"))["metrics"]  # before / after decoded by the engine
+    assert all(m[f"{w}_{mode}_accuracy"] is not None for w in ("before", "after") for mode in ("on", "off"))
+    assert "thinking on (2 prompts): vLLM" in r.stdout + r.stderr
 
 
 @pytest.mark.slow
 def test_rloo_runs_with_the_vllm_generator(tmp_path):
     """07_rlhf.py --algo rloo --generator vllm on the CPU: instruction-following rollouts from the colocated engine,
     synced after every step, the importance-sampling statistics recorded, a clean exit; --generator vllm for an
-    algorithm that samples nothing (offline RPO) is a one-line error before any work."""
+    stage that decodes nothing (the reward model) is a one-line error before any work; offline RPO decodes its
+    evaluations through the engine."""
     run = tiny_rl_run(tmp_path, "07_rlhf.py", "--num-prompts", "8", "--prompts-per-step", "2", "--k", "4", "--steps", "2",
                       "--eval-if", "0", "--eval-math", "0")
-    r = run("bad", "--algo", "rpo", timeout=120)
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --generator vllm samples")
+    r = run("bad", "--train-reward-model", timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --generator vllm decodes")
     r = run("rloo", "--algo", "rloo")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Invalid process group" not in r.stderr and "sampler vLLM" in r.stdout + r.stderr
     history = json.load(open(tmp_path / "rloo" / "meta.json"))["history"]
     assert len(history) == 2 and all(h["completion_tokens"] > 0 for h in history)
     assert all(h["is_masked_fraction"] is None or 0 <= h["is_masked_fraction"] <= 1 for h in history)
+    r = run("rpo", "--algo", "rpo", "--steps", "1", "--eval-math", "2", "--eval-max-new-tokens", "12",
+            "--eval-max-new-tokens-off", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sampler vLLM" in r.stdout + r.stderr and "thinking on (2 prompts): vLLM" in r.stdout + r.stderr
