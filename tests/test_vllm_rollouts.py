@@ -51,6 +51,7 @@ def engine(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm_rl")
     a, b = policy(0), policy(1)
     save_checkpoint(a, tiny_tokenizer(), str(d / "a"), stage="parent")
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the engine sizes its KV cache itself, as in a stage (run.sh)
     gen, tok = load_generator(str(d / "a"), dtype=torch.float32, backend="vllm", colocate=True)
     return gen, tok, a, b
 
