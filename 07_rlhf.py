@@ -642,4 +642,6 @@ if rank == 0:
             print0("\n".join(losses))
     print0(f"checkpoint: {args.out}; metrics: {os.path.join(run_dir, 'metrics', args.metrics_name + '.json')}")
 wandb_run.finish()
+if generator is not model:
+    generator.shutdown()  # before compute_cleanup: under torchrun the engine's groups hang off ours
 compute_cleanup()

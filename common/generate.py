@@ -248,6 +248,13 @@ class VLLMGenerator:
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update (requests in flight?)")
 
 
+    def shutdown(self) -> None:
+        """Stop the engine before the stage tears torch.distributed down: under torchrun (external launcher) vLLM's
+        groups hang off the stage's world group and vLLM destroys them, and the world group, at its shutdown; left to
+        interpreter exit, that runs after compute_cleanup and fails ("Invalid process group specified")."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
 def vllm_plugin_loaded() -> bool:
     """Whether vLLM will load the repo's plugin (vllm_plugin/, entry point decilm_linear): installed, and not left
     out by VLLM_PLUGINS (vLLM's allow-list; unset means every installed plugin)."""

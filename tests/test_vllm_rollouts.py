@@ -194,3 +194,24 @@ def test_rloo_runs_with_the_vllm_generator(tmp_path):
             "--eval-max-new-tokens-off", "8")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sampler vLLM" in r.stdout + r.stderr and "thinking on (2 prompts): vLLM" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_grpo_under_torchrun_runs_one_engine_per_rank(tmp_path):
+    """torchrun with 2 gloo ranks on the CPU: each rank runs its own colocated engine (vLLM's external launcher on
+    the rank's process group), the ranks train together, and the stage exits cleanly (the engines shut down before
+    the stage's process group is destroyed)."""
+    save_checkpoint(policy(0), tiny_tokenizer(), str(tmp_path / "policy"), stage="parent")
+    (tmp_path / "data").mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "06_grpo.py"), "--policy", str(tmp_path / "policy"), "--data", str(tmp_path / "data"),
+           "--out", str(tmp_path / "grpo"), "--generator", "vllm", "--dtype", "float32", "--num-prompts", "8",
+           "--filter-samples", "2", "--prompts-per-step", "2", "--group-size", "4", "--steps", "2",
+           "--eval-problems", "0", "--max-new-tokens", "12", "--max-new-tokens-off", "8", "--wandb-mode", "disabled"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "world size 2" in out and "generator vLLM" in out
+    assert "Invalid process group" not in out and "Traceback" not in out, out[-3000:]
+    assert len(json.load(open(tmp_path / "grpo" / "meta.json"))["history"]) == 2
