@@ -4,6 +4,11 @@
     python benchmarks/bench_grpo.py                        # SmolLM2 parent, 4 prompts x 8 completions x 64 tokens
     python benchmarks/bench_grpo.py --threads 1            # the same while another CPU job runs
     python benchmarks/bench_grpo.py --rounds 1 --max-new-tokens 8 --dtype float32    # quick look
+    .venv-vllm/bin/python benchmarks/bench_grpo.py --sides ours,vllm --model runs/smol/sft_parent   # per generator
+
+Sides (--sides, any of them, timed in alternating order): `ours` (our trainer, our decoder on the policy itself),
+`vllm` (our trainer, rollouts sampled by a colocated vLLM engine: 06_grpo.py --generator vllm; needs install_vllm.sh's
+venv) and `trl` (TRL's GRPOTrainer, HF generate; needs requirements-bench.txt).
 
 One step = sample G completions for each prompt (temperature 1, top_p 1, top_k 0: the full distribution), score
 them (common.rewards.math_reward, thinking on), group-normalized advantages, the clipped surrogate with the `grpo`
@@ -11,6 +16,10 @@ normalization (per-sequence token mean, then the batch mean), beta = 0 (no refer
 (AdamW, not fused, grad clip 1.0) over all 4 x G completions in micro-batches of --micro-batch.
 
   ours  sample_rollout -> math_reward -> train_on_rollout (PolicyLossConfig(steps_per_rollout=1)), timed as a whole.
+  vllm  the engine takes this round's fresh weights (VLLMGenerator.update_weights + prefix-cache reset: the sync 06
+        runs after every optimizer step, timed as "sync"), samples the rollout with the sampler's log-probs, then the
+        same math_reward -> train_on_rollout, with 06's default importance-sampling correction (sequence mask, cap 3:
+        it needs the learner's log-probs of every row, an extra no-grad forward that ours skips).
   TRL   GRPOTrainer(max_steps=1).train(), timed from the callback's on_step_begin to its on_step_end: the window
         holds TRL's own generation (inside training_step / _prepare_inputs), reward, the per_device_train_batch_size
         x gradient_accumulation_steps = 4 x G micro-batches, gradient clipping, optimizer step and zero_grad; the
@@ -59,6 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.checkpoint import load_checkpoint  # noqa: E402
 from common.data import build_messages, render_prompt  # noqa: E402
 from common.dist import resolve_dtype  # noqa: E402
+from common.generate import load_generator  # noqa: E402
 from common.optim import make_adamw  # noqa: E402
 from common.rewards import math_reward  # noqa: E402
 from common.rl import PolicyLossConfig, sample_rollout, train_on_rollout  # noqa: E402
@@ -122,7 +132,9 @@ class OptimizerTimer:
 # One step of each side
 
 
-def ours_step(base, tok, prompts, answers, args, dtype, score, seed) -> dict:
+def ours_step(base, tok, prompts, answers, args, dtype, score, seed, engine=None) -> dict:
+    """Our step; with `engine` (a colocated VLLMGenerator) the rollout is sampled by vLLM after syncing it with this
+    round's weights."""
     model = copy.deepcopy(base)
     optimizer = make_adamw(model.named_parameters(), args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     opt_timer = OptimizerTimer(optimizer)
@@ -132,17 +144,24 @@ def ours_step(base, tok, prompts, answers, args, dtype, score, seed) -> dict:
     G = args.group_size
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    ro = sample_rollout(model, tok, prompts, group_size=G, max_new_tokens=args.max_new_tokens, temperature=1.0,
-                        top_p=1.0, batch_size=G * len(prompts), dtype=dtype)
+    if engine is not None:
+        engine.update_weights(model)
+    sync = time.perf_counter() - t0
+    ro = sample_rollout(engine or model, tok, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
+                        temperature=1.0, top_p=1.0, batch_size=G * len(prompts), dtype=dtype)
     t1 = time.perf_counter()
     rewards = torch.tensor([score(text, answers[i // G]) for i, text in enumerate(ro.texts)])
     t2 = time.perf_counter()
     stats = train_on_rollout(model, optimizer, ro, rewards, cfg, torch.device("cpu"), tok.pad_token_id)
     t3 = time.perf_counter()
-    return {"total": t3 - t0, "gen": ro.gen_seconds, "score": t2 - t1, "optimizer": opt_timer.seconds,
-            "fwd_bwd": stats["train_seconds"] - opt_timer.seconds, "other": (t3 - t0) - ro.gen_seconds - (t2 - t1)
-            - stats["train_seconds"], "tokens": ro.num_tokens, "trained_groups": stats["groups"]
-            - stats["zero_signal_groups"], "groups": stats["groups"], "dtype": probe.summary()}
+    dtypes = probe.summary()  # gen / train; the engine's generation never passes through our model
+    if engine is not None:
+        dtypes = f"{engine.compute_setting} / {dtypes.split(' / ')[1]}"
+    return {"total": t3 - t0, "sync": sync, "gen": ro.gen_seconds, "score": t2 - t1, "optimizer": opt_timer.seconds,
+            "fwd_bwd": stats["train_seconds"] - opt_timer.seconds, "other": (t3 - t0) - sync - ro.gen_seconds
+            - (t2 - t1) - stats["train_seconds"], "tokens": ro.num_tokens, "trained_groups": stats["groups"]
+            - stats["zero_signal_groups"], "groups": stats["groups"],
+            "dtype": dtypes}
 
 
 def trl_step(base, tok, prompts, answers, args, dtype, score, seed, out_dir) -> dict:
@@ -208,7 +227,7 @@ def trl_step(base, tok, prompts, answers, args, dtype, score, seed, out_dir) -> 
         trainer.train()
     t = timings
     t["fwd_bwd"] = t["total"] - t["gen"] - t["score"] - t["optimizer"]  # includes TRL's batch prep and bookkeeping
-    t.update(other=0.0, trained_groups=n, groups=n, dtype=probe.summary())
+    t.update(sync=0.0, other=0.0, trained_groups=n, groups=n, dtype=probe.summary())
     del trainer, model
     gc.collect()
     return t
@@ -233,15 +252,31 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads; 1 where another job shares a 2-core machine (2 would oversubscribe it)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sides", default="ours,trl",
+                   help="comma list of ours (our decoder), vllm (colocated vLLM sampler), trl (TRL's GRPOTrainer)")
     args = p.parse_args(argv)
+    sides_asked = args.sides.split(",")
+    if len(sides_asked) < 2 or len(set(sides_asked)) != len(sides_asked) or set(sides_asked) - {"ours", "vllm", "trl"}:
+        raise SystemExit(f"--sides {args.sides!r}: give two or three distinct sides of ours, vllm, trl "
+                         "(e.g. ours,trl or ours,vllm)")
     n_rows = args.prompts * args.group_size
     if args.rounds < 1 or n_rows % args.micro_batch:
         raise ValueError(f"need --rounds >= 1 and prompts x group-size ({n_rows}) divisible by --micro-batch "
                          f"({args.micro_batch}); got --rounds {args.rounds}")
-    try:
-        import trl
-    except ImportError:
-        raise SystemExit("bench_grpo needs TRL: pip install -r requirements-bench.txt") from None
+    versions = ""
+    if "trl" in sides_asked:
+        try:
+            import trl
+        except ImportError:
+            raise SystemExit("--sides trl needs TRL: pip install -r requirements-bench.txt (or leave trl out)") from None
+        versions += f", trl {trl.__version__}"
+    if "vllm" in sides_asked:
+        try:
+            import vllm
+        except ImportError:
+            raise SystemExit("--sides vllm needs vLLM: bash install_vllm.sh, then run with .venv-vllm/bin/python "
+                             "(or leave vllm out)") from None
+        versions += f", vllm {vllm.__version__}"
     import transformers
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, "cpu")
@@ -257,17 +292,22 @@ def main(argv=None):
     print(f"{args.model}: {args.prompts} prompts x {args.group_size} completions x {args.max_new_tokens} new tokens, "
           f"micro-batch {args.micro_batch}, {str(dtype).removeprefix('torch.')}, {args.threads} threads, "
           f"reward {args.reward}; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"trl {trl.__version__}", flush=True)
+          f"{versions.removeprefix(', ')}", flush=True)
 
-    sides = {"ours": lambda s: ours_step(base, tok, prompts, answers, args, dtype, score, s),
-             "trl": lambda s: trl_step(base, tok, prompts, answers, args, dtype, score, s, out_dir)}
+    engine = None
+    if "vllm" in sides_asked:  # one engine for all rounds, as 06 holds one for the whole stage (its start not timed)
+        engine, _ = load_generator(args.model, dtype=dtype, backend="vllm", colocate=True, seed=args.seed)
+    step = {"ours": lambda s: ours_step(base, tok, prompts, answers, args, dtype, score, s),
+            "vllm": lambda s: ours_step(base, tok, prompts, answers, args, dtype, score, s, engine=engine),
+            "trl": lambda s: trl_step(base, tok, prompts, answers, args, dtype, score, s, out_dir)}
+    sides = {name: step[name] for name in sides_asked}
     results = {name: [] for name in sides}
     for r in range(-1, args.rounds):  # round -1: warm-up (first-call allocations, oneDNN primitives), not counted
-        order = list(sides) if r % 2 == 0 else list(sides)[::-1]  # ours-TRL, TRL-ours, ...: a load trend hits both
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]  # A-B, B-A, ...: a load trend hits every side
         for name in order:
             res = sides[name](args.seed + max(r, 0))
             tag = "warm-up" if r < 0 else f"round {r + 1}/{args.rounds}"
-            print(f"  {tag:<11} {name:<4} {res['total']:6.1f} s  (gen {res['gen']:5.1f}, score {res['score']:4.2f}, "
+            print(f"  {tag:<11} {name:<4} {res['total']:6.1f} s  (sync {res['sync']:4.2f}, gen {res['gen']:5.1f}, score {res['score']:4.2f}, "
                   f"fwd+bwd {res['fwd_bwd']:5.1f}, optimizer {res['optimizer']:4.2f}; {res['tokens']} tokens, "
                   f"{res['trained_groups']}/{res['groups']} groups trained)", flush=True)
             if r >= 0:
@@ -278,22 +318,29 @@ def main(argv=None):
     def med(name, key):
         return statistics.median(x[key] for x in results[name])
 
-    ratios = [o["total"] / t["total"] for o, t in zip(results["ours"], results["trl"])]  # adjacent steps, paired
-    print("\n| side | step s (median) | min-max | generation | scoring | fwd+bwd | optimizer | other | "
+    print("\n| side | step s (median) | min-max | sync | generation | scoring | fwd+bwd | optimizer | other | "
           "completion tokens | groups trained | compute dtype gen / train |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in sides:
         tot = [x["total"] for x in results[name]]
-        print(f"| {name} | {med(name, 'total'):.2f} | {min(tot):.2f}-{max(tot):.2f} | {med(name, 'gen'):.2f} | "
-              f"{med(name, 'score'):.3f} | {med(name, 'fwd_bwd'):.2f} | {med(name, 'optimizer'):.2f} | "
-              f"{med(name, 'other'):.2f} | {med(name, 'tokens'):.0f} | {med(name, 'trained_groups'):.0f}/"
-              f"{args.prompts} | {results[name][0]['dtype']} |")
-    ratio = med("ours", "total") / med("trl", "total")
-    print(f"\nratio ours/TRL (median step time): {ratio:.3f}  (target <= 0.8: {'met' if ratio <= 0.8 else 'NOT met'})")
-    print("per-round ratios: " + ", ".join(f"{x:.3f}" for x in ratios) + f"  (median {statistics.median(ratios):.3f})")
+        print(f"| {name} | {med(name, 'total'):.2f} | {min(tot):.2f}-{max(tot):.2f} | {med(name, 'sync'):.2f} | "
+              f"{med(name, 'gen'):.2f} | {med(name, 'score'):.3f} | {med(name, 'fwd_bwd'):.2f} | "
+              f"{med(name, 'optimizer'):.2f} | {med(name, 'other'):.2f} | {med(name, 'tokens'):.0f} | "
+              f"{med(name, 'trained_groups'):.0f}/{args.prompts} | {results[name][0]['dtype']} |")
+    print()
+    for a, b in [("ours", "trl"), ("vllm", "ours"), ("vllm", "trl")]:
+        if a in sides and b in sides:
+            ratios = [x["total"] / y["total"] for x, y in zip(results[a], results[b])]  # adjacent steps, paired
+            ratio = med(a, "total") / med(b, "total")
+            target = f"  (target <= 0.8: {'met' if ratio <= 0.8 else 'NOT met'})" if (a, b) == ("ours", "trl") else ""
+            print(f"ratio {a}/{b} (median step time): {ratio:.3f}{target}; per-round: "
+                  + ", ".join(f"{x:.3f}" for x in ratios) + f"  (median {statistics.median(ratios):.3f})")
     shutil.rmtree(out_dir, ignore_errors=True)
+    if engine is not None:
+        engine.shutdown()
     print("columns are medians over rounds (seconds); TRL's fwd+bwd also holds its batch preparation and "
-          "bookkeeping (step - generation - scoring - optimizer); ours' other: tokenizing and padding outside those.")
+          "bookkeeping (step - generation - scoring - optimizer); ours' other: tokenizing and padding outside those; "
+          "vllm's fwd+bwd holds the learner's log-prob pass of the importance-sampling correction.")
 
 
 if __name__ == "__main__":

@@ -215,3 +215,23 @@ def test_grpo_under_torchrun_runs_one_engine_per_rank(tmp_path):
     assert "world size 2" in out and "generator vLLM" in out
     assert "Invalid process group" not in out and "Traceback" not in out, out[-3000:]
     assert len(json.load(open(tmp_path / "grpo" / "meta.json"))["history"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_grpo_times_a_step_with_each_generator(tmp_path):
+    """benchmarks/bench_grpo.py --sides ours,vllm: one GRPO step with our decoder and with the colocated engine
+    (synced, then sampling), side by side, with the paired ratio; a side this venv cannot run is a one-line error."""
+    save_checkpoint(policy(0), tiny_tokenizer(), str(tmp_path / "policy"), stage="parent")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_grpo.py"), "--model", str(tmp_path / "policy"),
+           "--prompts", "2", "--group-size", "4", "--max-new-tokens", "8", "--micro-batch", "4", "--rounds", "1",
+           "--dtype", "float32", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    r = subprocess.run(cmd + ["--sides", "ours,vllm"], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in r.stdout.splitlines() if line.startswith("| ")}
+    assert {"ours", "vllm"} <= set(rows)
+    assert float(rows["ours"][4]) == 0.0 < float(rows["vllm"][4])  # sync: the engine's only
+    assert rows["vllm"][-2].strip().startswith("vllm cpu float32 / ")
+    assert "ratio vllm/ours (median step time):" in r.stdout
+    r = subprocess.run(cmd + ["--sides", "ours,ours"], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert r.returncode != 0 and "--sides 'ours,ours'" in r.stderr.strip().splitlines()[-1]
