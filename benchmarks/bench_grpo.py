@@ -18,8 +18,8 @@ normalization (per-sequence token mean, then the batch mean), beta = 0 (no refer
   ours  sample_rollout -> math_reward -> train_on_rollout (PolicyLossConfig(steps_per_rollout=1)), timed as a whole.
   vllm  the engine takes this round's fresh weights (VLLMGenerator.update_weights + prefix-cache reset: the sync 06
         runs after every optimizer step, timed as "sync"), samples the rollout with the sampler's log-probs, then the
-        same math_reward -> train_on_rollout, with 06's default importance-sampling correction (sequence mask, cap 3:
-        it needs the learner's log-probs of every row, an extra no-grad forward that ours skips).
+        same math_reward -> train_on_rollout, with 06's default importance-sampling correction (sequence mask, cap 3;
+        pi_old is the training forward's own detached log-probs, as on our side, so it adds no forward).
   TRL   GRPOTrainer(max_steps=1).train(), timed from the callback's on_step_begin to its on_step_end: the window
         holds TRL's own generation (inside training_step / _prepare_inputs), reward, the per_device_train_batch_size
         x gradient_accumulation_steps = 4 x G micro-batches, gradient clipping, optimizer step and zero_grad; the
@@ -340,7 +340,7 @@ def main(argv=None):
         engine.shutdown()
     print("columns are medians over rounds (seconds); TRL's fwd+bwd also holds its batch preparation and "
           "bookkeeping (step - generation - scoring - optimizer); ours' other: tokenizing and padding outside those; "
-          "vllm's fwd+bwd holds the learner's log-prob pass of the importance-sampling correction.")
+          "vllm's sync: the weight reload and prefix-cache reset before sampling.")
 
 
 if __name__ == "__main__":
