@@ -147,8 +147,9 @@ def ours_step(base, tok, prompts, answers, args, dtype, score, seed, engine=None
     if engine is not None:
         engine.update_weights(model)
     sync = time.perf_counter() - t0
-    ro = sample_rollout(engine or model, tok, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
-                        temperature=1.0, top_p=1.0, batch_size=G * len(prompts), dtype=dtype)
+    ro = sample_rollout(model if engine is None else engine, tok, prompts, group_size=G,
+                        max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, batch_size=G * len(prompts),
+                        dtype=dtype)
     t1 = time.perf_counter()
     rewards = torch.tensor([score(text, answers[i // G]) for i, text in enumerate(ro.texts)])
     t2 = time.perf_counter()
@@ -160,8 +161,7 @@ def ours_step(base, tok, prompts, answers, args, dtype, score, seed, engine=None
     return {"total": t3 - t0, "sync": sync, "gen": ro.gen_seconds, "score": t2 - t1, "optimizer": opt_timer.seconds,
             "fwd_bwd": stats["train_seconds"] - opt_timer.seconds, "other": (t3 - t0) - sync - ro.gen_seconds
             - (t2 - t1) - stats["train_seconds"], "tokens": ro.num_tokens, "trained_groups": stats["groups"]
-            - stats["zero_signal_groups"], "groups": stats["groups"],
-            "dtype": dtypes}
+            - stats["zero_signal_groups"], "groups": stats["groups"], "dtype": dtypes}
 
 
 def trl_step(base, tok, prompts, answers, args, dtype, score, seed, out_dir) -> dict:
@@ -268,7 +268,8 @@ def main(argv=None):
         try:
             import trl
         except ImportError:
-            raise SystemExit("--sides trl needs TRL: pip install -r requirements-bench.txt (or leave trl out)") from None
+            raise SystemExit("--sides trl needs TRL: pip install -r requirements-bench.txt (or leave trl out)") \
+                from None
         versions += f", trl {trl.__version__}"
     if "vllm" in sides_asked:
         try:
@@ -307,8 +308,9 @@ def main(argv=None):
         for name in order:
             res = sides[name](args.seed + max(r, 0))
             tag = "warm-up" if r < 0 else f"round {r + 1}/{args.rounds}"
-            print(f"  {tag:<11} {name:<4} {res['total']:6.1f} s  (sync {res['sync']:4.2f}, gen {res['gen']:5.1f}, score {res['score']:4.2f}, "
-                  f"fwd+bwd {res['fwd_bwd']:5.1f}, optimizer {res['optimizer']:4.2f}; {res['tokens']} tokens, "
+            print(f"  {tag:<11} {name:<4} {res['total']:6.1f} s  (sync {res['sync']:4.2f}, gen {res['gen']:5.1f}, "
+                  f"score {res['score']:4.2f}, fwd+bwd {res['fwd_bwd']:5.1f}, optimizer {res['optimizer']:4.2f}; "
+                  f"{res['tokens']} tokens, "
                   f"{res['trained_groups']}/{res['groups']} groups trained)", flush=True)
             if r >= 0:
                 results[name].append(res)

@@ -220,7 +220,8 @@ def test_grpo_under_torchrun_runs_one_engine_per_rank(tmp_path):
 @pytest.mark.slow
 def test_bench_grpo_times_a_step_with_each_generator(tmp_path):
     """benchmarks/bench_grpo.py --sides ours,vllm: one GRPO step with our decoder and with the colocated engine
-    (synced, then sampling), side by side, with the paired ratio; a side this venv cannot run is a one-line error."""
+    (synced, then sampling, then the same update), side by side, with the paired ratio; a repeated or unknown side is
+    a one-line error."""
     save_checkpoint(policy(0), tiny_tokenizer(), str(tmp_path / "policy"), stage="parent")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_grpo.py"), "--model", str(tmp_path / "policy"),
            "--prompts", "2", "--group-size", "4", "--max-new-tokens", "8", "--micro-batch", "4", "--rounds", "1",
@@ -228,10 +229,16 @@ def test_bench_grpo_times_a_step_with_each_generator(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "VLLM_CPU_KVCACHE_SPACE": "1"}
     r = subprocess.run(cmd + ["--sides", "ours,vllm"], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): line.split("|") for line in r.stdout.splitlines() if line.startswith("| ")}
-    assert {"ours", "vllm"} <= set(rows)
-    assert float(rows["ours"][4]) == 0.0 < float(rows["vllm"][4])  # sync: the engine's only
-    assert rows["vllm"][-2].strip().startswith("vllm cpu float32 / ")
-    assert "ratio vllm/ours (median step time):" in r.stdout
-    r = subprocess.run(cmd + ["--sides", "ours,ours"], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
-    assert r.returncode != 0 and "--sides 'ours,ours'" in r.stderr.strip().splitlines()[-1]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| side")}
+    assert set(rows) == {"ours", "vllm"}
+    for name, row in rows.items():
+        assert 0 < int(row[9]) <= 2 * 4 * 8  # completion tokens: 8 samples of at most 8 tokens
+        assert row[10] == "2/2"  # --reward dense: every group has signal, so both sides train on all of them
+    assert rows["vllm"][11].startswith("vllm cpu float32 / float32")  # sampled by the engine, trained by us
+    assert rows["ours"][11] == "float32 / float32"
+    ratio = next(line for line in r.stdout.splitlines() if line.startswith("ratio vllm/ours"))
+    assert float(ratio.split(":")[1].split(";")[0]) > 0
+    for bad in ("ours,ours", "ours,sglang"):
+        r = subprocess.run(cmd + ["--sides", bad], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+        assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(f"--sides '{bad}'")
