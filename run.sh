@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded parent (SmolLM2-135M-Instruct), CPU-sized budgets, ending with the results
 # tables. Each stage is skipped when its output is already complete, so a crashed run.sh resumes where it stopped.
-#   bash run.sh                 # runs/smol: ~72 min of stages on a 2-core avx512_bf16 CPU (01-05 31 min, 06-07 and evaluations 42 min)
+#   bash run.sh                 # runs/smol: ~152 min of stages on a 2-core avx512_bf16 CPU (docs/history.md)
 #   NAME=exp2 bash run.sh       # another run directory
 # Larger budgets (GPU) are flags of each stage script; see the README.
 set -euo pipefail
@@ -83,9 +83,10 @@ stage rpo           "$R/rpo/COMPLETED"             $RL_PY 07_rlhf.py --algo rpo 
                       --lr 7e-7
 
 # 04 --quant: QAD of the LN-Nano line's final model into NVFP4 (W4A4, KL to itself at full precision) against PTQ at
-# the same start; the whole table (QAT, self-generated data, FP8) is one flag away (docs/quantization.md)
+# the same start, with math, the toggle and IF all-met; the whole table (QAT, self-generated data, FP8) is one flag
+# away (docs/quantization.md)
 stage qad_nvfp4     "$R/qad_nvfp4/COMPLETED"       $PY 04_distill.py --student "$R/rpo" --out "$R/qad_nvfp4" --quant nvfp4 \
-                      --data "$D" --quant-methods ptq,qad --tokens 32768 --lr 5e-5 --eval-problems 100 --eval-if 0 \
+                      --data "$D" --quant-methods ptq,qad --tokens 32768 --lr 5e-5 --eval-problems 100 --eval-if 100 \
                       --max-new-tokens-on 160 --max-new-tokens-off 64 \
                       --metrics-name qad_nvfp4
 
