@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv-vllm/bin/python ]; then
-  need_mb=3000  # what the venv takes (2.9 GB measured) plus a little room
+  need_mb=3500  # what the venv takes (2.9 GB measured) plus room for pip
   free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
   if [ "$free_mb" -lt "$need_mb" ]; then
     echo "install_vllm.sh: .venv-vllm needs ~${need_mb} MB free in $(pwd), there are ${free_mb} MB: free some disk and rerun" >&2
